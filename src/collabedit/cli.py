@@ -1,0 +1,294 @@
+"""The `collabedit` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+app = typer.Typer(
+    help="Collaborative, non-destructive knowledge editing (CollabEdit) on MEMIT-style editors.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+world_app = typer.Typer(
+    help="The embedded fact world: build it, inspect it, draw requests.", no_args_is_help=True
+)
+requests_app = typer.Typer(
+    help="Edit request files (CounterFact/MCF, zsRE, JSONL).", no_args_is_help=True
+)
+app.add_typer(world_app, name="world")
+app.add_typer(requests_app, name="requests")
+
+console = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="HF model id, local model folder, or 'world'.")
+]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=1)
+
+
+def _load_requests_or_exit(path: Path, fmt: str):
+    from collabedit.requests import RequestFileError, load_requests
+
+    try:
+        return load_requests(path, fmt)
+    except (RequestFileError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
+    columns = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "zsRE_Score", "NE"]
+    present = [c for c in columns if any(r.get(c) is not None for r in rows.values())]
+    table = Table(title=title)
+    table.add_column("model")
+    for c in present:
+        table.add_column(c, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *("-" if r.get(c) is None else f"{r[c]:.1f}" for c in present))
+    return table
+
+
+def _evaluate(model, tokenizer, requests, description: str, generation: bool = False) -> dict:
+    from collabedit.evaluate.metrics import evaluate_requests
+
+    with _progress() as bar:
+        # Each request is scored in several passes (one per metric family); count prompts.
+        task = bar.add_task(description, total=None)
+        result = evaluate_requests(
+            model,
+            tokenizer,
+            requests,
+            generation=generation,
+            progress=lambda n: bar.advance(task, n),
+        )
+    return result
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt,
+    requests: Annotated[Path, typer.Option("--requests", "-r", help="Request file.")],
+    format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+    generation: Annotated[bool, typer.Option(help="Also sample generations for NE.")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Evaluate a model on edit requests: ES/PS/NS/Score, EA/PA/NA/Score (percent), NE."""
+    from collabedit.models.loading import load_model
+
+    reqs = _load_requests_or_exit(requests, format)
+    lm, tok = load_model(model)
+    start = time.perf_counter()
+    result = _evaluate(lm, tok, reqs, f"scoring {len(reqs)} requests", generation)
+    result["seconds"] = time.perf_counter() - start
+    out.print(_metrics_table(f"{len(reqs)} requests from {requests.name}", {model: result}))
+    if json_out:
+        write_json(json_out, {"model": model, "requests": str(requests), "metrics": result})
+
+
+@app.command()
+def demo(
+    n: Annotated[int, typer.Option("--n", help="Requests drawn from the world.")] = 200,
+    seed: int = 0,
+    json_out: JsonOpt = None,
+) -> None:
+    """Run the main job on the embedded world (offline, CPU, minutes).
+
+    Until the editing engine lands this evaluates the unedited world model on world requests in
+    CounterFact and zsRE form: the baseline row of every later table (ES/PS/EA near 0, NS near 100).
+    """
+    from collabedit.world.edit_requests import world_requests
+    from collabedit.world.store import load_world
+
+    bundle = load_world()
+    rows = {}
+    for form in ("counterfact", "zsre"):
+        reqs = world_requests(bundle.world, n, seed=seed, form=form)
+        rows[form] = _evaluate(bundle.model, bundle.tokenizer, reqs, f"unedited, {form}")
+    merged = {
+        "unedited": rows["counterfact"]
+        | {k: v for k, v in rows["zsre"].items() if k in ("EA", "PA", "NA", "zsRE_Score")}
+    }
+    out.print(_metrics_table(f"Embedded world, {n} requests per form", merged))
+    console.print(
+        "Collaborative editing (CollabEdit and baselines) is not implemented yet; "
+        "this is the unedited baseline."
+    )
+    if json_out:
+        write_json(
+            json_out,
+            {"methods": merged, "config": {"n": n, "seed": seed, "model": str(bundle.path)}},
+        )
+
+
+@world_app.command("info")
+def world_info(
+    path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    measure: Annotated[bool, typer.Option(help="Re-measure recall now.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Size, architecture and recall of a world."""
+    from collabedit.world.store import load_world
+    from collabedit.world.train import measure_recall
+
+    b = load_world(path)
+    cfg = b.model.config
+    info = {
+        "path": str(b.path),
+        "n_subjects": len(b.world.subjects),
+        "n_relations": len(b.world.relations),
+        "n_facts": b.world.n_facts(),
+        "phrasings_per_relation": {r.id: len(r.phrasings) for r in b.world.relations},
+        "vocab_size": len(b.tokenizer),
+        "architecture": {
+            "model_type": cfg.model_type,
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.n_embd,
+            "n_inner": cfg.n_inner,
+            "n_head": cfg.n_head,
+            "n_positions": cfg.n_positions,
+        },
+        "n_parameters": sum(p.numel() for p in b.model.parameters()),
+        "recall": b.build.get("recall"),
+        "min_phrasing_recall": b.build.get("min_phrasing_recall"),
+        "train_seconds": b.build.get("train_seconds"),
+    }
+    if measure:
+        r = measure_recall(b.model, b.tokenizer, b.world)
+        info |= {"recall": r["recall"], "min_phrasing_recall": r["min_phrasing_recall"]}
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    table = Table(title=f"world at {b.path}", show_header=False)
+    for k, v in info.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    out.print(table)
+
+
+@world_app.command("build")
+def world_build(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the world to.")],
+    subjects: Annotated[int, typer.Option(help="Number of subjects.")] = 2400,
+    max_epochs: Annotated[int | None, typer.Option(help="Epoch budget (default: recipe).")] = None,
+    seed: int = 0,
+    json_out: JsonOpt = None,
+) -> None:
+    """Generate a world and train its GPT-2 until it recalls the facts (seeded, reproducible)."""
+    from collabedit.world.generator import WorldSpec
+    from collabedit.world.store import build_world
+    from collabedit.world.train import TrainConfig
+
+    spec = WorldSpec(seed=seed, n_subjects=subjects)
+    train = TrainConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
+    with _progress() as bar:
+        task = bar.add_task("training", total=None)
+
+        def on_step(epoch: int, step: int, total: int, loss: float) -> None:
+            bar.update(
+                task, completed=step, total=total, description=f"epoch {epoch}, loss {loss:.3f}"
+            )
+
+        def on_epoch(epoch: int, entry: dict) -> None:
+            console.print(
+                f"epoch {epoch}: loss {entry['loss']:.4f}, "
+                f"sample recall {entry['sample_recall']:.4f}"
+            )
+
+        bundle = build_world(out_dir, spec, train, on_step, on_epoch)
+    b = bundle.build
+    out.print(
+        f"world written to {out_dir}: recall {b['recall']:.4f} "
+        f"(worst phrasing {b['min_phrasing_recall']:.4f}), {b['train_seconds']:.0f} s"
+    )
+    if json_out:
+        write_json(json_out, b)
+
+
+@world_app.command("requests")
+def world_requests_cmd(
+    n: Annotated[int, typer.Option("--n", help="Number of requests (distinct subjects).")],
+    out_file: Annotated[Path, typer.Option("--out", help="Output request file.")],
+    format: Annotated[str, typer.Option(help="mcf (CounterFact form), zsre, or jsonl.")] = "mcf",
+    seed: int = 0,
+    path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+) -> None:
+    """Export requests of the world in a published layout."""
+    from collabedit.requests import FORMATS, save_requests
+    from collabedit.world.edit_requests import world_requests
+    from collabedit.world.generator import World
+    from collabedit.world.store import DEFAULT_WORLD_DIR, WORLD_FILE
+
+    if format not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    world = World.load((path or DEFAULT_WORLD_DIR) / WORLD_FILE)
+    try:
+        reqs = world_requests(
+            world, n, seed=seed, form="zsre" if format == "zsre" else "counterfact"
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    save_requests(reqs, out_file, format)
+    out.print(f"{len(reqs)} requests written to {out_file} ({format})")
+
+
+@requests_app.command("validate")
+def requests_validate(
+    file: Annotated[Path, typer.Argument(help="Request file.")],
+    format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+) -> None:
+    """Load a request file; print its format and size, or the file/record/field error."""
+    from collabedit.requests import RequestFileError, detect_format
+
+    reqs = _load_requests_or_exit(file, format)
+    try:
+        fmt = detect_format(file) if format == "auto" else format
+    except RequestFileError as exc:
+        raise _fail(str(exc)) from exc
+    out.print(f"{file}: format {fmt}, {len(reqs)} requests")
+
+
+if __name__ == "__main__":
+    app()

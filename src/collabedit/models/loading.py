@@ -1,0 +1,49 @@
+"""Load a causal LM and its tokenizer from a Hugging Face id, a local folder, or `world`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+WORLD_ALIAS = "world"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
+    """`world` means the world shipped in the package; anything else is passed to from_pretrained
+    (a local folder, or a hub id such as `gpt2-xl`, which needs the hub to be reachable)."""
+    if str(name_or_path) == WORLD_ALIAS:
+        from collabedit.world.store import DEFAULT_WORLD_DIR
+
+        return str(DEFAULT_WORLD_DIR)
+    return str(name_or_path)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local} has no config.json: not a Hugging Face model folder")
+    model = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if dtype
+        else (AutoModelForCausalLM.from_pretrained(path))
+    )
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        # GPT-2 style tokenizers have no pad token; scoring pads on the right and masks it.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

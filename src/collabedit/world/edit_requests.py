@@ -1,0 +1,90 @@
+"""Edit requests drawn from the world, in CounterFact and zsRE form.
+
+CounterFact form: the rewrite prompt is one statement phrasing; paraphrases are two other
+phrasings behind an unrelated lead-in sentence; neighbourhood prompts ask the same relation of other
+subjects whose true object is the request's target_true (so the true object must stay); attribute
+prompts ask subjects whose true object is target_new. zsRE form: the rewrite prompt and paraphrase
+are the relation's two questions; the neighbourhood prompt is another subject's question, answered
+by its true object.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from collabedit.requests import EditRequest
+from collabedit.world.generator import FILLERS, World
+
+RequestForm = Literal["counterfact", "zsre"]
+
+
+def world_requests(
+    world: World,
+    n: int,
+    seed: int = 0,
+    form: RequestForm = "counterfact",
+    n_neighborhood: int = 10,
+    n_paraphrase: int = 2,
+    subjects: list[str] | None = None,
+) -> list[EditRequest]:
+    """`n` requests on `n` distinct subjects (MEMIT's batches never edit one subject twice: the
+    keys of one subject would coincide). `subjects` restricts the draw, e.g. to keep clients apart.
+    """
+    pool = list(world.subjects if subjects is None else subjects)
+    if n > len(pool):
+        raise ValueError(f"asked for {n} requests but the world has only {len(pool)} subjects")
+    rng = random.Random(seed)
+    chosen = rng.sample(pool, n)
+    requests = []
+    for case_id, subject in enumerate(chosen):
+        rel = rng.choice(world.relations)
+        target_true = world.facts[subject][rel.id]
+        target_new = rng.choice([o for o in rel.objects if o != target_true])
+        others = [s for s in world.subjects_with(rel.id, target_true) if s != subject]
+        neighbours = rng.sample(others, min(n_neighborhood, len(others)))
+        if form == "counterfact":
+            k = rng.randrange(len(rel.statements))
+            rest = [t for i, t in enumerate(rel.statements) if i != k]
+            paraphrases = [
+                f"{rng.choice(FILLERS)} {t.format(subject)}"
+                for t in rng.sample(rest, min(n_paraphrase, len(rest)))
+            ]
+            holders = [s for s in world.subjects_with(rel.id, target_new) if s != subject]
+            other_rels = [r for r in world.relations if r.id != rel.id]
+            requests.append(
+                EditRequest(
+                    case_id=case_id,
+                    subject=subject,
+                    prompt=rel.statements[k],
+                    target_new=target_new,
+                    target_true=target_true,
+                    relation_id=rel.id,
+                    paraphrase_prompts=paraphrases,
+                    neighborhood_prompts=[rng.choice(rel.statements).format(s) for s in neighbours],
+                    attribute_prompts=[
+                        rng.choice(rel.statements).format(s)
+                        for s in rng.sample(holders, min(n_neighborhood, len(holders)))
+                    ],
+                    generation_prompts=[
+                        rng.choice(r.statements).format(subject) for r in rng.sample(other_rels, 2)
+                    ],
+                )
+            )
+        else:
+            neighbour = rng.choice([s for s in world.subjects if s != subject])
+            loc_rel = rng.choice(world.relations)
+            requests.append(
+                EditRequest(
+                    case_id=case_id,
+                    subject=subject,
+                    prompt=rel.questions[0],
+                    target_new=target_new,
+                    target_true=target_true,
+                    relation_id=rel.id,
+                    paraphrase_prompts=[rel.questions[1].format(subject)],
+                    neighborhood_prompts=[rng.choice(loc_rel.questions).format(neighbour)],
+                    neighborhood_target=world.facts[neighbour][loc_rel.id],
+                )
+            )
+    return requests

@@ -1,0 +1,99 @@
+"""Where a world lives on disk and how it is built: one folder that is at once a Hugging Face model
+folder (config.json, model.safetensors, tokenizer files) and the world's description (world.json)
+plus how it was built and how well it recalls (build.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from collabedit.world.generator import World, WorldSpec, generate_world
+from collabedit.world.tokenizer import build_tokenizer
+from collabedit.world.train import TrainConfig, measure_recall, train_world_model
+
+DEFAULT_WORLD_DIR = Path(__file__).resolve().parent / "default"
+WORLD_FILE = "world.json"
+BUILD_FILE = "build.json"
+
+
+@dataclass
+class WorldBundle:
+    world: World
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerFast
+    build: dict
+    path: Path
+
+
+def is_world_dir(path: Path) -> bool:
+    return (Path(path) / WORLD_FILE).is_file()
+
+
+def load_world(path: str | os.PathLike[str] | None = None) -> WorldBundle:
+    """Load a world folder (default: the one shipped in the package)."""
+    folder = Path(path) if path is not None else DEFAULT_WORLD_DIR
+    if not is_world_dir(folder):
+        raise FileNotFoundError(
+            f"{folder} is not a world folder (no {WORLD_FILE}); build one with "
+            "`collabedit world build --out DIR`"
+        )
+    world = World.load(folder / WORLD_FILE)
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    model.eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    build_path = folder / BUILD_FILE
+    build = json.loads(build_path.read_text()) if build_path.is_file() else {}
+    return WorldBundle(world, model, tokenizer, build, folder)
+
+
+def build_world(
+    out: str | os.PathLike[str],
+    spec: WorldSpec | None = None,
+    train: TrainConfig | None = None,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> WorldBundle:
+    """Generate, tokenize, train, measure recall on every fact and phrasing, save atomically."""
+    spec = spec or WorldSpec()
+    train = train or TrainConfig()
+    start = time.perf_counter()
+    world = generate_world(spec)
+    tokenizer = build_tokenizer(world.vocabulary_text())
+    model, history = train_world_model(world, tokenizer, train, on_step, on_epoch)
+    train_seconds = time.perf_counter() - start
+    recall = measure_recall(model, tokenizer, world)
+    build = {
+        "spec": spec.model_dump(),
+        "train": train.model_dump(),
+        "history": history,
+        "train_seconds": train_seconds,
+        "recall": recall["recall"],
+        "min_phrasing_recall": recall["min_phrasing_recall"],
+        "recall_by_phrasing": recall["by_phrasing"],
+        "recall_prompts": recall["n"],
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a sibling temp folder and swap it in, so a crash never leaves half a world.
+    tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        world.save(tmp / WORLD_FILE)
+        (tmp / BUILD_FILE).write_text(json.dumps(build, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WorldBundle(world, model, tokenizer, build, out)

@@ -1,0 +1,236 @@
+"""Our recipe for teaching a small GPT-2 every fact of the world, in every phrasing.
+
+Sentences ("Talor Venrik was born in Oslo") are packed whole into fixed-length rows; the sentences
+before one in its row act as the unrelated lead-in CounterFact's paraphrases have, and a share of
+items get an explicit filler sentence too. The MLP is made wide relative to the residual stream
+(n_inner = 8 x n_embd) because MEMIT writes facts into the MLP output projection, whose input
+width bounds how many edits a layer can hold.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, Field
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from collabedit.evaluate.scoring import score_targets
+from collabedit.world.generator import FILLERS, World
+
+
+class TrainConfig(BaseModel):
+    seed: int = 0
+    n_layer: int = Field(6, ge=1)
+    n_embd: int = Field(128, ge=8)
+    n_inner: int = Field(1024, ge=8)
+    n_head: int = Field(4, ge=1)
+    n_positions: int = Field(64, ge=16)
+    max_epochs: int = Field(40, ge=1)
+    switch_recall: float = Field(0.995, gt=0, le=1, description="recall that starts the cooldown")
+    cooldown_epochs: int = Field(2, ge=1)
+    rows_per_batch: int = Field(4, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    filler_share: float = Field(0.15, ge=0, le=1)
+    context_weight: float = Field(0.2, ge=0, le=1)
+    recall_sample: int = Field(3000, ge=10, description="facts checked after each epoch")
+
+
+def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+    torch.manual_seed(cfg.seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.n_inner,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def fact_prompts(world: World, with_fillers: bool = False) -> list[tuple[str, str, str]]:
+    """(phrasing id, prompt, object) for every fact and phrasing; optionally behind a filler."""
+    items = []
+    rng = random.Random(world.spec.seed + 1)
+    for subject, rel, obj in world.iter_facts():
+        for k, template in enumerate(rel.phrasings):
+            prompt = template.format(subject)
+            if with_fillers:
+                prompt = f"{rng.choice(FILLERS)} {prompt}"
+            items.append((f"{rel.id}/{k}", prompt, obj))
+    return items
+
+
+def measure_recall(
+    model: GPT2LMHeadModel,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    sample: int | None = None,
+    seed: int = 0,
+    with_fillers: bool = True,
+) -> dict:
+    """Share of facts whose object the model produces greedily (every token), per phrasing.
+
+    Returns {"recall": overall fraction, "min_phrasing_recall": worst phrasing, "by_phrasing":
+    {...}, "n": prompts checked}. Phrasings are counted bare and, with `with_fillers`, again
+    behind a filler sentence.
+    """
+    items = fact_prompts(world)
+    if with_fillers:
+        items += [(f"{k}+filler", p, o) for k, p, o in fact_prompts(world, with_fillers=True)]
+    if sample is not None and sample < len(items):
+        items = random.Random(seed).sample(items, sample)
+    scores = score_targets(model, tokenizer, [(p, o) for _, p, o in items], batch_size=512)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for (key, _, _), score in zip(items, scores, strict=True):
+        hits[key].append(score.all_correct)
+    by = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    total = sum(sum(v) for v in hits.values()) / len(items)
+    return {
+        "recall": total,
+        "min_phrasing_recall": min(by.values()),
+        "by_phrasing": by,
+        "n": len(items),
+    }
+
+
+def _packed_rows(
+    world: World, tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch: every fact in every phrasing once, whole sentences packed into rows.
+
+    Returns token rows and per-token loss weights: object tokens and the end-of-text token weigh
+    1, the rest `context_weight`. Subject names after a relation phrase are unpredictable by
+    construction; at full weight their loss would drown the facts' gradient.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    items = [(p, o) for _, p, o in fact_prompts(world)]
+    rng.shuffle(items)
+    prompts = [
+        f"{rng.choice(FILLERS)} {p}" if rng.random() < cfg.filler_share else p for p, _ in items
+    ]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    object_ids = tokenizer([" " + o for _, o in items], add_special_tokens=False)["input_ids"]
+    rows: list[list[int]] = []
+    weights: list[list[float]] = []
+    row: list[int] = []
+    wrow: list[float] = []
+
+    def flush() -> None:
+        rows.append(row + [pad] * (cfg.n_positions - len(row)))
+        weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
+
+    for p_ids, o_ids in zip(prompt_ids, object_ids, strict=True):
+        item = p_ids + o_ids + [eos]
+        if len(item) > cfg.n_positions:
+            raise ValueError(f"sentence longer than n_positions={cfg.n_positions}: {item}")
+        if len(row) + len(item) > cfg.n_positions:
+            flush()
+            row, wrow = [], []
+        row = row + item
+        # weights[t] applies to predicting token t from the tokens before it
+        wrow = wrow + [cfg.context_weight] * len(p_ids) + [1.0] * (len(o_ids) + 1)
+    if row:
+        flush()
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights)
+
+
+def train_world_model(
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: TrainConfig,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> tuple[GPT2LMHeadModel, list[dict]]:
+    """Train from scratch; returns the model and one history entry per epoch.
+
+    Memorisation speed varies with the world's size, so the schedule is driven by recall rather
+    than a fixed epoch count: constant learning rate until a sample of facts is recalled at
+    `switch_recall` (or the epoch budget runs low), then `cooldown_epochs` of linear decay.
+    on_step(epoch, step_in_epoch, steps_per_epoch, loss) reports progress.
+    """
+    rng = random.Random(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    pad = tokenizer.pad_token_id
+    history: list[dict] = []
+    step = 0
+    cooldown_left: int | None = None
+    model.train()
+    for epoch in range(1, cfg.max_epochs + 1):
+        start = time.perf_counter()
+        if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
+            cooldown_left = cfg.max_epochs - epoch + 1
+        rows, weights = _packed_rows(world, tokenizer, cfg, rng)
+        shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
+        order = torch.randperm(len(rows), generator=shuffle)
+        rows, weights = rows[order], weights[order]
+        n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
+        losses = []
+        for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
+            if step < cfg.warmup_steps:
+                scale = (step + 1) / cfg.warmup_steps
+            elif cooldown_left is not None:
+                done = (cfg.cooldown_epochs - cooldown_left + i / n_steps) / cfg.cooldown_epochs
+                scale = 1.0 - 0.95 * min(1.0, done)
+            else:
+                scale = 1.0
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * scale
+            batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
+            logits = model(input_ids=batch, attention_mask=(batch != pad).long()).logits
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none"
+            )
+            loss = (nll * w).sum() / w.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if on_step is not None:
+                on_step(epoch, i + 1, n_steps, loss.item())
+        recall = measure_recall(model, tokenizer, world, sample=cfg.recall_sample, seed=epoch)
+        model.train()
+        entry = {
+            "epoch": epoch,
+            "loss": sum(losses) / len(losses),
+            "sample_recall": recall["recall"],
+            "cooldown": cooldown_left is not None,
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(entry)
+        if on_epoch is not None:
+            on_epoch(epoch, entry)
+        if cooldown_left is not None:
+            cooldown_left -= 1
+            if cooldown_left == 0:
+                break
+        elif recall["recall"] >= cfg.switch_recall:
+            cooldown_left = cfg.cooldown_epochs
+    model.eval()
+    return model, history

@@ -1,0 +1,75 @@
+"""The `collabedit` command, driven as a user would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from collabedit.cli import app
+
+runner = CliRunner()
+FIXTURES = Path(__file__).parent / "fixtures" / "requests"
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for name in ("demo", "eval", "world", "requests"):
+        assert name in result.output
+
+
+def test_world_info_json_reports_recall():
+    result = run("world", "info", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert 0.99 <= info["recall"] <= 1.0
+    assert info["n_subjects"] >= 1000 and info["n_relations"] >= 6
+    assert info["architecture"]["model_type"] == "gpt2"
+
+
+def test_world_requests_export_then_validate_then_eval(tmp_path):
+    for fmt in ("mcf", "zsre", "jsonl"):
+        path = tmp_path / f"reqs.{'jsonl' if fmt == 'jsonl' else 'json'}"
+        result = run("world", "requests", "--n", 30, "--format", fmt, "--seed", 1, "--out", path)
+        assert result.exit_code == 0, result.output
+        result = run("requests", "validate", path)
+        assert result.exit_code == 0, result.output
+        assert f"format {fmt}, 30 requests" in result.output
+    out = tmp_path / "eval.json"
+    result = run("eval", "--model", "world", "--requests", tmp_path / "reqs.json", "--json", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())["metrics"]
+    # zsRE-form requests have no target_true: only the zsRE family applies
+    assert "ES" not in metrics
+    assert 0 <= metrics["EA"] <= 100 and metrics["NA"] > 90  # percent, neighbours intact
+
+
+def test_validate_reports_file_record_and_field(tmp_path):
+    records = json.loads((FIXTURES / "mcf_small.json").read_text())
+    records[1]["requested_rewrite"]["prompt"] = "no placeholder here"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    result = run("requests", "validate", bad)
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "bad.json" in text and "record 1" in text and "requested_rewrite.prompt" in text
+
+
+def test_world_requests_rejects_too_many(tmp_path):
+    result = run("world", "requests", "--n", 10**6, "--out", tmp_path / "x.json")
+    assert result.exit_code == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_demo_writes_the_unedited_row(tmp_path):
+    out = tmp_path / "demo.json"
+    result = run("demo", "--n", 40, "--json", out)
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["methods"]["unedited"]
+    assert row["ES"] < 10 and row["NS"] > 90 and row["NA"] > 90

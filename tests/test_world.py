@@ -1,0 +1,130 @@
+"""The embedded world: generator, tokenizer, build recipe, and the shipped checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collabedit.evaluate.metrics import evaluate_requests
+from collabedit.world.edit_requests import world_requests
+from collabedit.world.generator import World, WorldSpec, generate_world
+from collabedit.world.store import build_world, load_world
+from collabedit.world.tokenizer import build_tokenizer
+from collabedit.world.train import TrainConfig, measure_recall
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_world()
+
+
+def test_generator_is_seeded_and_sized():
+    a, b = (
+        generate_world(WorldSpec(seed=3, n_subjects=200)),
+        generate_world(WorldSpec(seed=3, n_subjects=200)),
+    )
+    assert a.to_json() == b.to_json()
+    assert generate_world(WorldSpec(seed=4, n_subjects=200)).subjects != a.subjects
+    default = WorldSpec()
+    assert default.n_subjects >= 1000
+    world = generate_world(WorldSpec(n_subjects=200))
+    assert len(world.relations) >= 6
+    assert all(len(r.phrasings) >= 5 for r in world.relations)
+    assert len(set(world.subjects)) == 200
+    assert all(len(s.split()) >= 2 for s in world.subjects)  # multi-token names
+    # objects dealt evenly: every object of every relation has subjects
+    for rel in world.relations:
+        counts = [len(world.subjects_with(rel.id, o)) for o in rel.objects]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_world_json_round_trip(tmp_path):
+    world = generate_world(WorldSpec(n_subjects=50))
+    world.save(tmp_path / "w.json")
+    assert World.load(tmp_path / "w.json").to_json() == world.to_json()
+
+
+def test_tokenizer_covers_every_sentence_without_unknowns():
+    world = generate_world(WorldSpec(n_subjects=100))
+    tok = build_tokenizer(world.vocabulary_text())
+    for sentence in list(world.sentences())[:500]:
+        ids = tok(sentence, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids).split() == tok.decode(ids).split()  # decodes
+    # multi-word subjects and objects are several tokens
+    assert len(tok(" New York", add_special_tokens=False)["input_ids"]) == 2
+
+
+def test_requests_have_neighbourhoods_and_distinct_subjects():
+    world = generate_world(WorldSpec(n_subjects=300))
+    for form in ("counterfact", "zsre"):
+        reqs = world_requests(world, 120, seed=1, form=form)
+        assert len({r.subject for r in reqs}) == 120
+        assert all(r.neighborhood_prompts for r in reqs)
+        assert all(r.target_new != r.target_true for r in reqs)
+        assert all(r.target_new in world.relation(r.relation_id).objects for r in reqs)
+    cf = world_requests(world, 50, seed=2)
+    for r in cf:
+        # neighbourhood subjects share the true object; the edited subject is not among them
+        assert all(r.subject not in p for p in r.neighborhood_prompts)
+        assert len(r.paraphrase_prompts) == 2
+    with pytest.raises(ValueError, match="only 300 subjects"):
+        world_requests(world, 301)
+
+
+def test_tiny_build_is_reproducible_and_loads(tmp_path):
+    spec = WorldSpec(n_subjects=20, seed=1)
+    cfg = TrainConfig(
+        n_layer=1,
+        n_embd=16,
+        n_inner=32,
+        n_head=2,
+        max_epochs=1,
+        cooldown_epochs=1,
+        recall_sample=20,
+    )
+    a = build_world(tmp_path / "a", spec, cfg)
+    b = build_world(tmp_path / "b", spec, cfg)
+    for name in ("world.json", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    wa, wb = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    loaded = load_world(tmp_path / "a")
+    assert loaded.build["recall"] == a.build["recall"]
+    assert json.loads((tmp_path / "a" / "build.json").read_text())["history"][0]["epoch"] == 1
+    assert not list(tmp_path.glob(".world-*"))  # no temp folder left behind
+    assert b.world.to_json() == loaded.world.to_json()
+
+
+def test_load_world_rejects_a_non_world_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a world folder"):
+        load_world(tmp_path)
+
+
+def test_shipped_world_recalls_every_fact_in_every_phrasing(shipped):
+    recall = measure_recall(shipped.model, shipped.tokenizer, shipped.world)
+    assert recall["n"] == shipped.world.n_facts() * 7 * 2
+    assert recall["recall"] >= 0.99
+    assert recall["min_phrasing_recall"] >= 0.97
+    assert recall["recall"] == pytest.approx(shipped.build["recall"], abs=1e-9)
+
+
+def test_shipped_world_is_small(shipped):
+    size = sum(f.stat().st_size for f in shipped.path.iterdir())
+    assert size <= 25 * 2**20
+
+
+def test_unedited_world_scores_as_unedited(shipped):
+    """ES/PS/EA near 0 (the new facts are not known), NS/NA near 100 (neighbours intact)."""
+    for form in ("counterfact", "zsre"):
+        reqs = world_requests(shipped.world, 200, seed=7, form=form)
+        m = evaluate_requests(shipped.model, shipped.tokenizer, reqs)
+        if form == "counterfact":
+            assert m["ES"] <= 3 and m["PS"] <= 3 and m["NS"] >= 97
+        assert m["EA"] <= 5 and m["PA"] <= 5 and m["NA"] >= 95
