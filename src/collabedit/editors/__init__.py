@@ -1,0 +1,1 @@
+"""Knowledge-editing back-ends, chosen by name."""

@@ -1,0 +1,88 @@
+"""MEMIT's hyper-parameters: one typed config, presets, and EasyEdit YAML import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MemitConfig(BaseModel):
+    """Field names follow MEMIT / EasyEdit where they mean the same thing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] | None = Field(None, description="edited layers; None: the model's default")
+    mom2_update_weight: float = Field(15000.0, gt=0, description="lambda, weight of C")
+    mom2_dataset: str = Field("world", description="corpus for C: 'world', a text file, HF id")
+    mom2_n_samples: int = Field(100_000, ge=1, description="texts used for C")
+    v_num_grad_steps: int = Field(25, ge=1)
+    v_lr: float = Field(0.5, gt=0)
+    v_weight_decay: float = Field(0.5, ge=0)
+    clamp_norm_factor: float = Field(0.75, gt=0)
+    kl_factor: float = Field(0.0625, ge=0)
+    early_stop_loss: float = Field(5e-2, ge=0, description="MEMIT stops a request's z below it")
+    # (length in tokens, number) of generated context prefixes; MEMIT uses [[5, 10]]
+    context_template_length_params: list[tuple[int, int]] = Field(default_factory=lambda: [(5, 10)])
+    context_start_words: list[str] = Field(
+        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
+    )
+    kl_prompt: str = "{} is a"
+    seed: int = 0
+    batch_rows: int = Field(2048, ge=1, description="rows per forward pass in z optimisation")
+
+
+PRESETS: dict[str, MemitConfig] = {
+    # Published settings (MEMIT reference hparams; lambda as the CollabEdit authors use).
+    "gpt2-xl": MemitConfig(
+        layers=[13, 14, 15, 16, 17],
+        mom2_update_weight=20000.0,
+        mom2_dataset="wikipedia:20220301.en",
+        v_num_grad_steps=20,
+    ),
+    "gpt-j": MemitConfig(
+        layers=[3, 4, 5, 6, 7, 8],
+        mom2_update_weight=15000.0,
+        mom2_dataset="wikipedia:20220301.en",
+        v_num_grad_steps=25,
+    ),
+    "world": MemitConfig(
+        layers=[1, 2],
+        mom2_update_weight=15000.0,
+        mom2_dataset="world",
+        mom2_n_samples=100_000,
+        v_num_grad_steps=25,
+    ),
+}
+
+# EasyEdit MEMIT YAML keys that mean the same here; the rest (model paths, module templates,
+# devices) is decided by our architecture adapters.
+_EASYEDIT_KEYS = {
+    "layers",
+    "mom2_update_weight",
+    "mom2_dataset",
+    "mom2_n_samples",
+    "v_num_grad_steps",
+    "v_lr",
+    "v_weight_decay",
+    "clamp_norm_factor",
+    "kl_factor",
+}
+
+
+def preset(name: str) -> MemitConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown MEMIT preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].model_copy(deep=True)
+
+
+def from_easyedit_yaml(path: str | Path, base: MemitConfig | None = None) -> MemitConfig:
+    """Read the fields of an EasyEdit MEMIT hparams YAML that match ours."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a YAML mapping")
+    picked = {k: v for k, v in data.items() if k in _EASYEDIT_KEYS}
+    if data.get("mom2_dataset") == "wikipedia":
+        picked["mom2_dataset"] = "wikipedia:20220301.en"
+    return MemitConfig(**((base or MemitConfig()).model_dump() | picked))

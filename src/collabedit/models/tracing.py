@@ -1,0 +1,108 @@
+"""Forward hooks: read the edited projection's input (keys), read or shift a block's output
+(the residual stream), and locate a subject's last token inside a prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from collabedit.models import arch
+
+
+class SubjectNotFoundError(ValueError):
+    pass
+
+
+def subject_last_index(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> int:
+    """Position of the subject's last token in `prompt.format(subject)`.
+
+    The text up to and including the subject must tokenise to a prefix of the whole text's
+    tokens; otherwise the subject's tokens are merged with their neighbours and there is no
+    token that is "the subject's last" (MEMIT would silently edit the wrong position).
+    """
+    if prompt.count("{}") != 1:
+        raise SubjectNotFoundError(f"prompt {prompt!r} must contain exactly one '{{}}'")
+    head = prompt[: prompt.index("{}")] + subject
+    full = tokenizer(prompt.format(subject), add_special_tokens=False)["input_ids"]
+    part = tokenizer(head, add_special_tokens=False)["input_ids"]
+    if not part or full[: len(part)] != part:
+        raise SubjectNotFoundError(
+            f"subject {subject!r} does not tokenise inside prompt {prompt!r}: "
+            "its tokens merge with the text around it"
+        )
+    return len(part) - 1
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def capture_mlp_inputs(
+    model: PreTrainedModel, layers: Sequence[int]
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, `store[layer]` holds the last forward's input of the edited projection."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(module, args, layer=layer):
+            store[layer] = args[0]
+
+        handles.append(arch.mlp_out(model, layer).register_forward_pre_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_block_outputs(
+    model: PreTrainedModel, layers: Sequence[int]
+) -> Iterator[dict[int, torch.Tensor]]:
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(module, args, output, layer=layer):
+            store[layer] = _first(output)
+
+        handles.append(arch.block(model, layer).register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def shift_block_output(
+    model: PreTrainedModel, layer: int, shift: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the block's hidden-state output h by shift(h) (used to add z-deltas)."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (shift(output[0]), *output[1:])
+        return shift(output)
+
+    handle = arch.block(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (right padding keeps absolute positions)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
