@@ -164,6 +164,143 @@ def demo(
         )
 
 
+def _layers_opt(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--layers takes comma-separated integers, not {text!r}") from exc
+
+
+@app.command()
+def stats(
+    model: ModelOpt,
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated layers (default: preset).")
+    ] = None,
+    corpus: Annotated[
+        str | None, typer.Option(help="'world', a text file, or an HF dataset id.")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="Texts to read.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Collect (or reuse) covariance statistics C = E[k k^T] of the edited layers."""
+    from collabedit.editors import default_config
+    from collabedit.models import arch
+    from collabedit.models.loading import load_model
+    from collabedit.stats import layer_stats
+
+    lm, tok = load_model(model)
+    cfg = default_config(lm)
+    chosen = arch.check_layers(lm, _layers_opt(layers) or cfg.layers or arch.default_layers(lm))
+    corpus = corpus or cfg.mom2_dataset
+    samples = samples or cfg.mom2_n_samples
+    start = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("statistics", total=samples)
+
+        def progress(texts: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=texts, description=f"statistics, {rate:,.0f} tokens/s")
+
+        result = layer_stats(lm, tok, chosen, corpus, samples, cache_dir=cache, progress=progress)
+    rows = {
+        str(layer): {
+            "count": s.count,
+            "trace": float(s.mom2.trace()),
+            "seconds": s.meta.get("seconds"),
+            "corpus": s.meta.get("corpus"),
+        }
+        for layer, s in result.items()
+    }
+    table = Table(title=f"covariance statistics ({corpus}, {samples} texts)")
+    for c in ("layer", "tokens", "trace(C)"):
+        table.add_column(c, justify="right")
+    for layer, r in rows.items():
+        table.add_row(layer, f"{r['count']:,}", f"{r['trace']:.3g}")
+    out.print(table)
+    if json_out:
+        write_json(json_out, {"model": model, "layers": rows})
+
+
+@app.command("edit")
+def edit_cmd(
+    model: ModelOpt,
+    requests: Annotated[Path, typer.Option("--requests", "-r", help="Request file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder (model) or file (--delta).")],
+    editor: Annotated[str, typer.Option(help="memit or memit-frozen.")] = "memit",
+    preset_name: Annotated[
+        str | None, typer.Option("--preset", help="world, gpt2-xl, gpt-j.")
+    ] = None,
+    hparams: Annotated[Path | None, typer.Option(help="EasyEdit MEMIT YAML.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers.")] = None,
+    delta: Annotated[bool, typer.Option(help="Write only the per-layer deltas.")] = False,
+    format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+    json_out: JsonOpt = None,
+) -> None:
+    """Edit a model with MEMIT (one party, all requests: Global-Edit)."""
+    import shutil
+
+    from collabedit.deltas import save_deltas
+    from collabedit.editors import apply_edits, default_config, preset
+    from collabedit.editors.memit import from_easyedit_yaml
+    from collabedit.models import arch
+    from collabedit.models.loading import load_model, resolve_model_path
+
+    reqs = _load_requests_or_exit(requests, format)
+    lm, tok = load_model(model)
+    try:
+        cfg = preset(preset_name) if preset_name else default_config(lm)
+        if hparams:
+            cfg = from_easyedit_yaml(hparams, cfg)
+        if layers:
+            cfg = cfg.model_copy(update={"layers": _layers_opt(layers)})
+        chosen = arch.check_layers(lm, cfg.layers or arch.default_layers(lm))
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    base_fp = arch.fingerprint(lm, chosen)
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        try:
+            result = apply_edits(lm, tok, reqs, editor=editor, config=cfg, progress=progress)
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+    info = {
+        "editor": editor,
+        "n_edits": len(reqs),
+        "requests": str(requests),
+        "timings": result.timings,
+    }
+    if delta:
+        save_deltas(
+            out_dir,
+            base_fp,
+            {e.layer: e.delta for e in result.layers},
+            {e.layer: e.module for e in result.layers},
+            info,
+        )
+    else:
+        lm.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+        world_json = Path(resolve_model_path(model)) / "world.json"
+        if world_json.is_file():
+            shutil.copy(world_json, out_dir / "world.json")
+    out.print(
+        f"{len(reqs)} requests edited with {editor} into layers {list(chosen)} "
+        f"in {result.timings['total']:.1f} s; written to {out_dir}"
+    )
+    if json_out:
+        write_json(json_out, info | {"layers": list(chosen), "out": str(out_dir)})
+
+
 @world_app.command("info")
 def world_info(
     path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,

@@ -181,6 +181,11 @@ class ZResult:
     steps_taken: torch.Tensor  # (n,) optimiser steps applied per request
 
 
+def _compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Half-precision models still optimise z and compare log-probabilities in float32."""
+    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
+
+
 def _chunk(
     rows: _ZRows, start: int, size: int, n_rewrite: torch.Tensor, pad: int, device: torch.device
 ) -> dict:
@@ -254,7 +259,8 @@ def optimise_z(
         _chunk(rows, start, cfg.batch_rows, n_rewrite, pad, device)
         for start in range(0, len(rows.ids), cfg.batch_rows)
     ]
-    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    dtype = _compute_dtype(next(model.parameters()).dtype)
+    delta = torch.zeros(n, d, device=device, dtype=dtype, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     z_init = torch.zeros(n, d, dtype=torch.float64)
     active = torch.ones(n, dtype=torch.bool)
@@ -266,7 +272,7 @@ def optimise_z(
     try:
         for it in range(cfg.v_num_grad_steps):
             losses = torch.zeros(n, dtype=torch.float64)
-            weight = active.to(device).float()
+            weight = active.to(device, dtype)
             for ch in chunks:
                 captured = {}
 
@@ -284,11 +290,13 @@ def optimise_z(
                     ch["z0"] = True
                     z_init[ch["first_owner"].cpu()] = captured["h"].double().cpu()
                 # NLL of the target tokens, each row weighted 1/(tokens * rows of its request)
-                tl = torch.log_softmax(logits[ch["t_row"], ch["t_pos"]].float(), dim=-1)
+                tl = torch.log_softmax(logits[ch["t_row"], ch["t_pos"]].to(dtype), dim=-1)
                 token_nll = -tl.gather(1, ch["t_tok"][:, None]).squeeze(1) * ch["t_w"]
-                req_loss = torch.zeros(n, device=device).index_add(0, ch["t_owner"], token_nll)
+                req_loss = torch.zeros(n, device=device, dtype=dtype).index_add(
+                    0, ch["t_owner"], token_nll
+                )
                 if len(ch["kl_row"]):
-                    cur = torch.log_softmax(logits[ch["kl_row"], ch["kl_pos"]].float(), dim=-1)
+                    cur = torch.log_softmax(logits[ch["kl_row"], ch["kl_pos"]].to(dtype), dim=-1)
                     if "kl_init" not in ch:
                         ch["kl_init"] = cur.detach()
                     # MEMIT's kl_div(init, current, log_target=True) is KL(current || init)
@@ -309,14 +317,14 @@ def optimise_z(
             with torch.no_grad():
                 # gradient of the weight decay v_wd * ||delta|| / ||z0||^2
                 dn = torch.linalg.vector_norm(delta, dim=1, keepdim=True).clamp_min(1e-12)
-                coef = (cfg.v_weight_decay / norms**2).to(device).float()[:, None]
+                coef = (cfg.v_weight_decay / norms**2).to(device, dtype)[:, None]
                 delta.grad += coef * delta / dn * active.to(device)[:, None]
             frozen = delta.detach().clone()
             opt.step()
             with torch.no_grad():
                 inactive = ~active.to(device)
                 delta[inactive] = frozen[inactive]
-                max_norm = (cfg.clamp_norm_factor * norms).to(device).float()
+                max_norm = (cfg.clamp_norm_factor * norms).to(device, dtype)
                 dn = torch.linalg.vector_norm(delta, dim=1)
                 scale = torch.where(
                     dn > max_norm, max_norm / dn.clamp_min(1e-12), torch.ones_like(dn)
