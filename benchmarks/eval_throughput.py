@@ -1,6 +1,6 @@
 """Evaluation throughput on the shipped world: scored prompts per second.
 
-    python benchmarks/eval_throughput.py --n 500 --json results/eval_throughput.json
+python benchmarks/eval_throughput.py --n 500 --json results/eval_throughput.json
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from collabedit.models.tracing import pad_batch
+
 
 @dataclass(frozen=True)
 class TargetScore:
@@ -66,13 +68,9 @@ def score_targets(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            seqs = [encoded[i][0] + encoded[i][1][:-1] for i in idx]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                input_ids[row, : len(seq)] = torch.tensor(seq)
-                attention[row, : len(seq)] = 1
+            input_ids, attention = pad_batch(
+                [encoded[i][0] + encoded[i][1][:-1] for i in idx], pad_id
+            )
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device)
             ).logits.float()

@@ -1,0 +1,82 @@
+"""Global-Edit quality of MEMIT on the shipped world: ES/PS/NS/Score (and EA) vs number of edits.
+
+    python benchmarks/memit_quality.py --counts 100 500 1000 2000 --editors memit memit-frozen \
+        --json results/memit_quality.json --plot results/memit_quality.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from collabedit.editors import apply_edits, preset  # noqa: E402
+from collabedit.evaluate.metrics import evaluate_requests  # noqa: E402
+from collabedit.world.edit_requests import world_requests  # noqa: E402
+from collabedit.world.store import load_world  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[100, 500, 1000, 2000])
+    parser.add_argument("--editors", nargs="+", default=["memit", "memit-frozen"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, nargs="*", default=None)
+    parser.add_argument("--lam", type=float, default=None, help="mom2_update_weight")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+
+    cfg = preset("world")
+    if args.layers:
+        cfg.layers = args.layers
+    if args.lam:
+        cfg.mom2_update_weight = args.lam
+    rows = []
+    for editor in args.editors:
+        for n in args.counts:
+            bundle = load_world()  # fresh, unedited model each time
+            reqs = world_requests(bundle.world, n, seed=args.seed)
+            start = time.perf_counter()
+            result = apply_edits(bundle.model, bundle.tokenizer, reqs, editor=editor, config=cfg)
+            seconds = time.perf_counter() - start
+            metrics = evaluate_requests(bundle.model, bundle.tokenizer, reqs)
+            row = {
+                "editor": editor,
+                "n": n,
+                "edit_seconds": round(seconds, 2),
+                "timings": {k: round(v, 2) for k, v in result.timings.items()},
+            }
+            row |= {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    payload = {"config": cfg.model_dump(), "seed": args.seed, "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    if args.plot:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for editor in args.editors:
+            pts = [r for r in rows if r["editor"] == editor]
+            for key, style in (("ES", "-o"), ("PS", "--s"), ("NS", ":^")):
+                ax.plot(
+                    [r["n"] for r in pts], [r[key] for r in pts], style, label=f"{editor} {key}"
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("edits (Global-Edit, one party)")
+        ax.set_ylabel("percent")
+        ax.set_ylim(0, 101)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
