@@ -73,3 +73,40 @@ def test_demo_writes_the_unedited_row(tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(out.read_text())["methods"]["unedited"]
     assert row["ES"] < 10 and row["NS"] > 90 and row["NA"] > 90
+
+
+def test_stats_then_edit_then_eval(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLLABEDIT_CACHE", str(tmp_path / "cache"))
+    result = run("stats", "--model", "world", "--layers", "1,2", "--samples", 3000,
+                 "--json", tmp_path / "stats.json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads((tmp_path / "stats.json").read_text())["layers"]
+    assert set(layers) == {"1", "2"} and layers["1"]["count"] > 3000
+    reqs = tmp_path / "reqs.json"
+    assert run("world", "requests", "--n", 20, "--out", reqs, "--seed", 3).exit_code == 0
+    hp = tmp_path / "memit.yaml"
+    hp.write_text("layers: [1, 2]\nmom2_n_samples: 3000\n")
+    edited = tmp_path / "edited"
+    result = run("edit", "--model", "world", "--requests", reqs, "--out", edited,
+                 "--hparams", hp)
+    assert result.exit_code == 0, result.output
+    assert (edited / "model.safetensors").is_file() and (edited / "world.json").is_file()
+    result = run("eval", "--model", edited, "--requests", reqs, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    assert metrics["ES"] >= 90
+    delta = tmp_path / "d.safetensors"
+    result = run("edit", "--model", "world", "--requests", reqs, "--out", delta, "--delta",
+                 "--hparams", hp, "--editor", "memit-frozen")
+    assert result.exit_code == 0, result.output
+    assert delta.is_file()
+
+
+def test_edit_rejects_bad_layers_before_writing(tmp_path):
+    reqs = tmp_path / "reqs.json"
+    assert run("world", "requests", "--n", 3, "--out", reqs).exit_code == 0
+    result = run("edit", "--model", "world", "--requests", reqs, "--out", tmp_path / "o",
+                 "--layers", "1,99")
+    assert result.exit_code == 1
+    assert "out of range" in result.output
+    assert not (tmp_path / "o").exists()

@@ -106,7 +106,7 @@ def average_trace(
 ) -> dict:
     """Mean indirect effects over (prompt, subject, target) facts; noise = 3 x the embeddings'
     standard deviation, as the ROME paper chose it."""
-    noise = 3.0 * float(model.get_input_embeddings().weight.std())
+    noise = 3.0 * float(model.get_input_embeddings().weight.detach().std())
     runs = [
         trace_fact(model, tokenizer, p, s, t, noise, samples, seed=i)
         for i, (p, s, t) in enumerate(facts)

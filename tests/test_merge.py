@@ -1,0 +1,69 @@
+"""Merge methods against first principles and hand-computed cases (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collabedit.collab.merge import LayerInputs, merge_layer, trim_top_k
+from collabedit.linalg import memit_update, solve_update
+
+
+def _spd(d, gen):
+    a = torch.randn(d, 3 * d, generator=gen, dtype=torch.float64)
+    return a @ a.T / (3 * d)
+
+
+@settings(max_examples=20, deadline=None)
+@given(clients=st.integers(1, 12), d_in=st.integers(2, 24), d_out=st.integers(1, 16),
+       seed=st.integers(0, 2**16), lam=st.floats(0.1, 1e4))
+def test_collabedit_merge_equals_global_edit(clients, d_in, d_out, seed, lam):
+    gen = torch.Generator().manual_seed(seed)
+    C = _spd(d_in, gen)
+    Ks = [torch.randn(d_in, int(torch.randint(1, 6, (1,), generator=gen)), generator=gen,
+                      dtype=torch.float64) for _ in range(clients)]
+    Rs = [torch.randn(d_out, k.shape[1], generator=gen, dtype=torch.float64) for k in Ks]
+    glob = memit_update(torch.cat(Ks, 1), torch.cat(Rs, 1), C, lam)
+    P = [r @ k.T for k, r in zip(Ks, Rs, strict=True)]
+    S = [k @ k.T for k in Ks]
+    merged = merge_layer("collabedit", LayerInputs(P=P, S=S, weighted_cov=lam * C))
+    assert (merged - glob).norm() / glob.norm() < 1e-6
+    # the paper's form: sum_i Delta_i (lC + S_i) (lC + sum_j S_j)^-1
+    deltas = [solve_update(p, lam * C + s) for p, s in zip(P, S, strict=True)]
+    paper = solve_update(sum(d @ (lam * C + s) for d, s in zip(deltas, S, strict=True)),
+                         lam * C + sum(S))
+    assert (paper - glob).norm() / glob.norm() < 1e-6
+
+
+def test_simple_average_divides_by_the_clients_present():
+    d = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]]), torch.tensor([[5.0, 0.0]])]
+    out = merge_layer("simple-average", LayerInputs(deltas=d))
+    assert torch.equal(out, torch.tensor([[3.0, 2.0]], dtype=torch.float64))
+
+
+def test_task_arithmetic_scales_the_sum():
+    d = [torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 4.0]])]
+    out = merge_layer("task-arithmetic", LayerInputs(deltas=d), lam=0.5)
+    assert torch.equal(out, torch.tensor([[2.0, 1.0]], dtype=torch.float64))
+
+
+def test_ties_by_hand():
+    d1 = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
+    d2 = torch.tensor([[-1.0, 2.0, 0.2, 4.0]])
+    d3 = torch.tensor([[-2.0, -3.0, 0.1, 1.0]])
+    # trimmed to top 50%: [3,0,0,2], [0,2,0,4], [-2,-3,0,0]; elected signs [+,-,0,+];
+    # agreeing means: 3, -3, 0, (2+4)/2
+    out = merge_layer("ties", LayerInputs(deltas=[d1, d2, d3]), top_k=0.5, lam=2.0)
+    assert torch.equal(out, 2.0 * torch.tensor([[3.0, -3.0, 0.0, 3.0]], dtype=torch.float64))
+    assert torch.equal(trim_top_k(torch.tensor([1.0, -5.0, 2.0]), 0.34),
+                       torch.tensor([0.0, -5.0, 2.0]))
+
+
+def test_methods_name_what_they_miss():
+    with pytest.raises(ValueError, match="needs 'S'"):
+        merge_layer("collabedit", LayerInputs(P=[torch.zeros(1, 2)],
+                                              weighted_cov=torch.eye(2)))
+    with pytest.raises(ValueError, match="unknown merge method"):
+        merge_layer("average", LayerInputs())
