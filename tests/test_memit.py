@@ -264,9 +264,11 @@ def test_frozen_editor_uses_unedited_keys_for_every_layer(tok):
     cfg = _cfg()
     reqs = _requests()
     cov = _cov(model, tok, cfg.layers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     frozen = edit(model, tok, reqs, cfg, cov, frozen=True, apply=False)
-    # apply=False restores the model exactly
     seq = edit(model, tok, reqs, cfg, cov, frozen=False, apply=False)
+    # apply=False leaves the model exactly as it was, bit for bit
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.allclose(frozen.layers[0].keys, seq.layers[0].keys)
     # the sequential editor re-reads layer 2's keys after writing layer 1; frozen does not
     assert not torch.allclose(frozen.layers[1].keys, seq.layers[1].keys)

@@ -23,7 +23,7 @@ from statistics import fmean
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from collabedit.evaluate.scoring import score_targets
+from collabedit.evaluate.scoring import TargetScore, score_targets
 from collabedit.requests import EditRequest
 
 Progress = Callable[[int], None] | None
@@ -35,18 +35,57 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def _pairs_counterfact(req: EditRequest) -> list[tuple[str, str, str]]:
-    """(kind, prompt, target) pairs: every prompt scored for both targets."""
-    pairs = []
-    for kind, prompts in (
-        ("rewrite", [req.rewrite_prompt]),
-        ("paraphrase", req.paraphrase_prompts),
-        ("neighborhood", req.neighborhood_prompts),
-    ):
-        for prompt in prompts:
-            pairs.append((kind, prompt, req.target_new))
-            pairs.append((kind, prompt, req.target_true))
-    return pairs
+KINDS = ("rewrite", "paraphrase", "neighborhood")
+
+
+def _per_case(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    pairs_of: Callable[[EditRequest], list[tuple[str, str, str]]],
+    outcomes: Callable[[str, list[TargetScore]], list[float]],
+    batch_size: int,
+    progress: Progress,
+) -> list[dict]:
+    """Score every request's (kind, prompt, target) pairs in one batched pass, then reduce each
+    request's scores per kind with `outcomes` and average them (MEMIT averages per request
+    first, then over requests)."""
+    per_request = [pairs_of(r) for r in requests]
+    flat = [(p, t) for pairs in per_request for _, p, t in pairs]
+    scores = score_targets(model, tokenizer, flat, batch_size, progress)
+    cases, i = [], 0
+    for req, pairs in zip(requests, per_request, strict=True):
+        by_kind: dict[str, list[TargetScore]] = {k: [] for k in KINDS}
+        for kind, _, _ in pairs:
+            by_kind[kind].append(scores[i])
+            i += 1
+        values = {k: outcomes(k, v) for k, v in by_kind.items()}
+        cases.append(
+            {"case_id": req.case_id} | {k: (fmean(v) if v else None) for k, v in values.items()}
+        )
+    return cases
+
+
+def _counterfact_pairs(req: EditRequest) -> list[tuple[str, str, str]]:
+    """Every prompt scored for target_new, then target_true."""
+    prompts = {
+        "rewrite": [req.rewrite_prompt],
+        "paraphrase": req.paraphrase_prompts,
+        "neighborhood": req.neighborhood_prompts,
+    }
+    return [
+        (kind, p, t)
+        for kind in KINDS
+        for p in prompts[kind]
+        for t in (req.target_new, req.target_true)
+    ]
+
+
+def _counterfact_outcomes(kind: str, scores: list[TargetScore]) -> list[float]:
+    pairs = zip(scores[::2], scores[1::2], strict=True)
+    if kind == "neighborhood":  # the true object must stay ahead
+        return [float(true.mean_logprob > new.mean_logprob) for new, true in pairs]
+    return [float(new.mean_logprob > true.mean_logprob) for new, true in pairs]
 
 
 def counterfact_case_metrics(
@@ -62,23 +101,23 @@ def counterfact_case_metrics(
         raise ValueError(
             f"CounterFact metrics need target_true; case_id(s) {missing[:5]} have none"
         )
-    per_request = [_pairs_counterfact(r) for r in requests]
-    flat = [(p, t) for pairs in per_request for _, p, t in pairs]
-    scores = iter(score_targets(model, tokenizer, flat, batch_size, progress))
-    cases = []
-    for req, pairs in zip(requests, per_request, strict=True):
-        outcome: dict[str, list[bool]] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
-        for kind, _, _ in pairs[::2]:
-            lp_new = next(scores).mean_logprob
-            lp_true = next(scores).mean_logprob
-            if kind == "neighborhood":
-                outcome[kind].append(lp_true > lp_new)
-            else:
-                outcome[kind].append(lp_new > lp_true)
-        cases.append(
-            {"case_id": req.case_id} | {k: (fmean(v) if v else None) for k, v in outcome.items()}
-        )
-    return cases
+    return _per_case(
+        model, tokenizer, requests, _counterfact_pairs, _counterfact_outcomes, batch_size, progress
+    )
+
+
+def _zsre_pairs(req: EditRequest) -> list[tuple[str, str, str]]:
+    answer = req.neighborhood_target or req.target_true
+    pairs = [("rewrite", req.rewrite_prompt, req.target_new)]
+    pairs += [("paraphrase", p, req.target_new) for p in req.paraphrase_prompts]
+    if answer is not None:
+        pairs += [("neighborhood", p, answer) for p in req.neighborhood_prompts]
+    return pairs
+
+
+def _zsre_outcomes(kind: str, scores: list[TargetScore]) -> list[float]:
+    """Token-level accuracy: every target token of every prompt counts once."""
+    return [float(c) for s in scores for c in s.token_correct]
 
 
 def zsre_case_metrics(
@@ -90,25 +129,7 @@ def zsre_case_metrics(
 ) -> list[dict]:
     """Per request: top-1 token accuracy of target_new (rewrite, paraphrase) and of the
     neighbourhood answer on neighbourhood prompts (fractions)."""
-    per_request = []
-    for r in requests:
-        answer = r.neighborhood_target or r.target_true
-        pairs = [("rewrite", r.rewrite_prompt, r.target_new)]
-        pairs += [("paraphrase", p, r.target_new) for p in r.paraphrase_prompts]
-        if answer is not None:
-            pairs += [("neighborhood", p, answer) for p in r.neighborhood_prompts]
-        per_request.append(pairs)
-    flat = [(p, t) for pairs in per_request for _, p, t in pairs]
-    scores = iter(score_targets(model, tokenizer, flat, batch_size, progress))
-    cases = []
-    for req, pairs in zip(requests, per_request, strict=True):
-        tokens: dict[str, list[bool]] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
-        for kind, _, _ in pairs:
-            tokens[kind].extend(next(scores).token_correct)
-        cases.append(
-            {"case_id": req.case_id} | {k: (fmean(v) if v else None) for k, v in tokens.items()}
-        )
-    return cases
+    return _per_case(model, tokenizer, requests, _zsre_pairs, _zsre_outcomes, batch_size, progress)
 
 
 def _summarise(cases: list[dict], names: dict[str, str], score_key: str) -> dict[str, float | None]:

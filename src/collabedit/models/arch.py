@@ -137,6 +137,16 @@ def add_to_weight(model: PreTrainedModel, layer: int, delta: torch.Tensor) -> No
     w.add_(d.to(w.dtype))
 
 
+@torch.no_grad()
+def write_weight(model: PreTrainedModel, layer: int, weight: torch.Tensor) -> None:
+    """W = weight exactly (d_out, d_in); used to restore a saved original bit for bit."""
+    w = mlp_out(model, layer).weight
+    new = weight.T if arch_of(model).transposed else weight
+    if new.shape != w.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not fit layer {layer}")
+    w.copy_(new.to(w.dtype))
+
+
 def default_layers(model: PreTrainedModel) -> tuple[int, ...]:
     spec = arch_of(model)
     name = str(getattr(model.config, "_name_or_path", "")).rstrip("/").split("/")[-1]

@@ -41,18 +41,24 @@ def _first(output):
 
 
 @contextmanager
-def capture_mlp_inputs(
-    model: PreTrainedModel, layers: Sequence[int]
+def _capture(
+    modules: dict[int, torch.nn.Module], inputs: bool
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Within the block, `store[layer]` holds the last forward's input of the edited projection."""
     store: dict[int, torch.Tensor] = {}
     handles = []
-    for layer in layers:
+    for layer, module in modules.items():
+        if inputs:
 
-        def hook(module, args, layer=layer):
-            store[layer] = args[0]
+            def pre(module, args, layer=layer):
+                store[layer] = args[0]
 
-        handles.append(arch.mlp_out(model, layer).register_forward_pre_hook(hook))
+            handles.append(module.register_forward_pre_hook(pre))
+        else:
+
+            def post(module, args, output, layer=layer):
+                store[layer] = _first(output)
+
+            handles.append(module.register_forward_hook(post))
     try:
         yield store
     finally:
@@ -60,23 +66,16 @@ def capture_mlp_inputs(
             h.remove()
 
 
-@contextmanager
-def capture_block_outputs(
-    model: PreTrainedModel, layers: Sequence[int]
-) -> Iterator[dict[int, torch.Tensor]]:
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
+def capture_mlp_inputs(model: PreTrainedModel, layers: Sequence[int]):
+    """Within the block, `store[layer]` holds the last forward's input of the edited projection
+    (the keys)."""
+    return _capture({layer: arch.mlp_out(model, layer) for layer in layers}, inputs=True)
 
-        def hook(module, args, output, layer=layer):
-            store[layer] = _first(output)
 
-        handles.append(arch.block(model, layer).register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+def capture_block_outputs(model: PreTrainedModel, layers: Sequence[int]):
+    """Within the block, `store[layer]` holds the last forward's hidden-state output of the block
+    (the residual stream after that layer)."""
+    return _capture({layer: arch.block(model, layer) for layer in layers}, inputs=False)
 
 
 @contextmanager

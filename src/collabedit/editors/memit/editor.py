@@ -120,4 +120,4 @@ def edit(
 @torch.no_grad()
 def restore(model: PreTrainedModel, originals: dict[int, torch.Tensor]) -> None:
     for layer, w in originals.items():
-        arch.add_to_weight(model, layer, w - arch.read_weight(model, layer))
+        arch.write_weight(model, layer, w)
