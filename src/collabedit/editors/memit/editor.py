@@ -59,6 +59,56 @@ def validate_requests(
             raise ValueError(f"request case_id={req.case_id}: {exc}") from None
 
 
+class MemitSession:
+    """One party's MEMIT work for its requests, in the pieces the protocols need.
+
+    The target vectors z are optimised once, on the model as it is when the session starts (the
+    base model). Keys and residuals of a layer are read on the model as it is when asked: the
+    unedited base (`memit-frozen`), the party's own partly edited copy (`memit`, one-shot), or
+    the merged global model (layer-synchronous collaboration).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        cfg: MemitConfig,
+        progress: Progress = None,
+    ) -> None:
+        self.layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
+        validate_requests(tokenizer, requests, cfg.kl_prompt)
+        self.model, self.tokenizer, self.requests, self.cfg = model, tokenizer, requests, cfg
+        t0 = time.perf_counter()
+        self.templates = context_templates(model, tokenizer, cfg)
+        self.z = optimise_z(
+            model, tokenizer, requests, self.layers[-1], self.templates, cfg, progress
+        )
+        self.timings = {"z": time.perf_counter() - t0, "keys": 0.0}
+
+    def keys(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """(n, d_in) keys per layer, read on the model's current weights."""
+        t0 = time.perf_counter()
+        out = compute_keys(
+            self.model, self.tokenizer, self.requests, layers, self.templates, self.cfg.batch_rows
+        )
+        self.timings["keys"] += time.perf_counter() - t0
+        return out
+
+    def targets(self) -> torch.Tensor:
+        """(n, d) how far each z still is from the last edited layer's current output."""
+        t0 = time.perf_counter()
+        cur = current_outputs(
+            self.model, self.tokenizer, self.requests, self.layers[-1], self.cfg.batch_rows
+        )
+        self.timings["keys"] += time.perf_counter() - t0
+        return self.z.z - cur
+
+    def share(self, layer: int) -> float:
+        """MEMIT spreads the remaining residual evenly over the layers not yet written."""
+        return 1.0 / (len(self.layers) - self.layers.index(layer))
+
+
 def edit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -74,36 +124,26 @@ def edit(
     missing = [layer for layer in layers if layer not in covariances]
     if missing:
         raise ValueError(f"no covariance statistics for layer(s) {missing}")
-    validate_requests(tokenizer, requests, cfg.kl_prompt)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    templates = context_templates(model, tokenizer, cfg)
-    z_layer = layers[-1]
-    z = optimise_z(model, tokenizer, requests, z_layer, templates, cfg, progress)
-    timings["z"] = time.perf_counter() - t0
+    session = MemitSession(model, tokenizer, requests, cfg, progress)
     originals = {layer: arch.read_weight(model, layer) for layer in layers}
     edits: list[LayerEdit] = []
+    solve = 0.0
     try:
         if frozen:
-            t1 = time.perf_counter()
-            keys = compute_keys(model, tokenizer, requests, layers, templates, cfg.batch_rows)
-            targets = z.z - current_outputs(model, tokenizer, requests, z_layer, cfg.batch_rows)
-            timings["keys"] = time.perf_counter() - t1
-        for i, layer in enumerate(layers):
-            t1 = time.perf_counter()
+            keys, targets = session.keys(layers), session.targets()
+        for layer in layers:
             if not frozen:
-                keys = compute_keys(model, tokenizer, requests, [layer], templates, cfg.batch_rows)
-                targets = z.z - current_outputs(model, tokenizer, requests, z_layer, cfg.batch_rows)
-            timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - t1
-            t2 = time.perf_counter()
-            resid = targets / (len(layers) - i)
+                # read on the model edited so far (earlier layers already written)
+                keys, targets = session.keys([layer]), session.targets()
+            resid = targets * session.share(layer)
+            t1 = time.perf_counter()
             delta = memit_update(keys[layer].T, resid.T, covariances[layer], cfg.mom2_update_weight)
-            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t2
+            solve += time.perf_counter() - t1
             edits.append(
                 LayerEdit(layer, arch.mlp_out_name(model, layer), keys[layer], resid, delta)
             )
             if not frozen:
-                # later layers' keys and residuals are read on the model edited so far
                 arch.add_to_weight(model, layer, delta)
         if frozen and apply:
             for e in edits:
@@ -113,8 +153,8 @@ def edit(
     except BaseException:
         restore(model, originals)
         raise
-    timings["total"] = time.perf_counter() - t0
-    return EditResult("memit-frozen" if frozen else "memit", edits, z, timings)
+    timings = session.timings | {"solve": solve, "total": time.perf_counter() - t0}
+    return EditResult("memit-frozen" if frozen else "memit", edits, session.z, timings)
 
 
 @torch.no_grad()
