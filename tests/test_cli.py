@@ -67,12 +67,18 @@ def test_world_requests_rejects_too_many(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_demo_writes_the_unedited_row(tmp_path):
+def test_demo_collabedit_matches_global_and_baselines_do_not(tmp_path):
     out = tmp_path / "demo.json"
-    result = run("demo", "--n", 40, "--json", out)
+    result = run("demo", "--clients", 3, "--edits-per-client", 10, "--json", out)
     assert result.exit_code == 0, result.output
-    row = json.loads(out.read_text())["methods"]["unedited"]
-    assert row["ES"] < 10 and row["NS"] > 90 and row["NA"] > 90
+    data = json.loads(out.read_text())
+    methods, fid = data["methods"], data["fidelity"]
+    assert set(methods) == {"unedited", "global", "collabedit", "ties", "task-arithmetic",
+                            "simple-average"}
+    assert methods["unedited"]["ES"] < 10 and methods["unedited"]["NS"] > 90
+    assert abs(methods["collabedit"]["Score"] - methods["global"]["Score"]) <= 0.5
+    assert fid["frozen"] < 1e-6 and fid["layer-sync"] < 1e-6 and fid["one-shot"] > 0
+    assert methods["simple-average"]["ES"] < methods["collabedit"]["ES"]
 
 
 def test_stats_then_edit_then_eval(tmp_path, monkeypatch):

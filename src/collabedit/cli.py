@@ -131,37 +131,47 @@ def eval_cmd(
 
 @app.command()
 def demo(
-    n: Annotated[int, typer.Option("--n", help="Requests drawn from the world.")] = 200,
+    clients: Annotated[int, typer.Option(help="Number of clients.")] = 10,
+    edits_per_client: Annotated[int, typer.Option(help="Private requests per client.")] = 50,
     seed: int = 0,
+    fidelity: Annotated[bool, typer.Option(help="Also measure one-shot/layer-sync.")] = True,
     json_out: JsonOpt = None,
 ) -> None:
-    """Run the main job on the embedded world (offline, CPU, minutes).
+    """Simulate collaborative editing on the embedded world (offline, CPU, minutes).
 
-    Until the editing engine lands this evaluates the unedited world model on world requests in
-    CounterFact and zsRE form: the baseline row of every later table (ES/PS/EA near 0, NS near 100).
+    N clients edit their private requests; the server merges with CollabEdit and the destructive
+    baselines; prints the paper's Table 1 layout and the merge fidelity against Global-Edit.
     """
-    from collabedit.world.edit_requests import world_requests
+    from collabedit.collab.simulate import METHOD_ROWS, run_demo
     from collabedit.world.store import load_world
 
-    bundle = load_world()
-    rows = {}
-    for form in ("counterfact", "zsre"):
-        reqs = world_requests(bundle.world, n, seed=seed, form=form)
-        rows[form] = _evaluate(bundle.model, bundle.tokenizer, reqs, f"unedited, {form}")
-    merged = {
-        "unedited": rows["counterfact"]
-        | {k: v for k, v in rows["zsre"].items() if k in ("EA", "PA", "NA", "zsRE_Score")}
-    }
-    out.print(_metrics_table(f"Embedded world, {n} requests per form", merged))
-    console.print(
-        "Collaborative editing (CollabEdit and baselines) is not implemented yet; "
-        "this is the unedited baseline."
+    result = run_demo(
+        load_world(),
+        clients,
+        edits_per_client,
+        seed=seed,
+        fidelity=fidelity,
+        log=lambda m: console.print(m, style="dim"),
+    )
+    table = Table(
+        title=f"{clients} clients x {edits_per_client} edits on the embedded world "
+        "(CounterFact-style | zsRE-style), percent"
+    )
+    table.add_column("method")
+    columns = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "zsRE_Score"]
+    for c in columns:
+        table.add_column(c if c != "zsRE_Score" else "Score", justify="right")
+    for row in METHOD_ROWS:
+        m = result["methods"][row]
+        table.add_row(row, *(f"{m[c]:.1f}" for c in columns))
+    out.print(table)
+    fid = result["fidelity"]
+    out.print(
+        "fidelity, max over layers of ||D_collab - D_global|| / ||D_global||: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in fid.items())
     )
     if json_out:
-        write_json(
-            json_out,
-            {"methods": merged, "config": {"n": n, "seed": seed, "model": str(bundle.path)}},
-        )
+        write_json(json_out, result)
 
 
 def _layers_opt(text: str | None) -> list[int] | None:

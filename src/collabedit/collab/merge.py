@@ -57,8 +57,9 @@ class CollabEdit(MergeMethod):
         return solve_from_sums(sum_p, sum_s, inputs.weighted_cov)
 
 
-def solve_from_sums(sum_p: torch.Tensor, sum_s: torch.Tensor,
-                    weighted_cov: torch.Tensor) -> torch.Tensor:
+def solve_from_sums(
+    sum_p: torch.Tensor, sum_s: torch.Tensor, weighted_cov: torch.Tensor
+) -> torch.Tensor:
     """The server's whole job for CollabEdit (and for Global-Edit from one party's P and S)."""
     return solve_update(sum_p, weighted_cov.double() + sum_s.double())
 

@@ -24,6 +24,7 @@ from collabedit.collab.merge import LayerInputs, merge_layer, solve_from_sums
 from collabedit.collab.update import ClientUpdate
 from collabedit.editors import EDITORS
 from collabedit.editors.memit import MemitConfig, edit
+from collabedit.editors.memit.compute import ZResult
 from collabedit.editors.memit.editor import MemitSession
 from collabedit.models import arch
 from collabedit.requests import EditRequest
@@ -45,19 +46,31 @@ def client_update(
     covariances: dict[int, torch.Tensor],
     editor: str = "memit-frozen",
     round: int = 0,
+    z: ZResult | None = None,
 ) -> ClientUpdate:
     """A client's one-shot contribution: P_i, S_i per layer and its local delta Delta_i (for the
     baselines). The model is left exactly as it was."""
     layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
     base_fp = arch.fingerprint(model, layers)
-    result = edit(model, tokenizer, client.requests, cfg, covariances,
-                  frozen=EDITORS[editor], apply=False)
+    result = edit(
+        model,
+        tokenizer,
+        client.requests,
+        cfg,
+        covariances,
+        frozen=EDITORS[editor],
+        apply=False,
+        z=z,
+    )
     return ClientUpdate.from_keys_residuals(
         {e.layer: e.keys for e in result.layers},
         {e.layer: e.residuals for e in result.layers},
         deltas={e.layer: e.delta for e in result.layers},
-        base_fingerprint=base_fp, client_id=client.client_id, round=round,
-        modules={e.layer: e.module for e in result.layers}, editor=editor,
+        base_fingerprint=base_fp,
+        client_id=client.client_id,
+        round=round,
+        modules={e.layer: e.module for e in result.layers},
+        editor=editor,
     )
 
 
@@ -90,10 +103,15 @@ def layer_sync_round(
     clients: Sequence[Client],
     cfg: MemitConfig,
     covariances: dict[int, torch.Tensor],
+    zs: Sequence[ZResult | None] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Layer-synchronous CollabEdit; writes each merged layer into `model` and returns the
     merged deltas. Only the per-layer sums of P and S cross from clients to server."""
-    sessions = [MemitSession(model, tokenizer, c.requests, cfg) for c in clients]
+    zs = zs or [None] * len(clients)
+    sessions = [
+        MemitSession(model, tokenizer, c.requests, cfg, z=z)
+        for c, z in zip(clients, zs, strict=True)
+    ]
     layers = sessions[0].layers
     merged: dict[int, torch.Tensor] = {}
     for layer in layers:

@@ -70,8 +70,10 @@ class ClientUpdate:
             n = K.shape[0]
             K64, R64 = K.double(), R.double()
             layers[layer] = LayerUpdate(
-                P=R64.T @ K64, S=K64.T @ K64,
-                delta=None if deltas is None else deltas[layer].double())
+                P=R64.T @ K64,
+                S=K64.T @ K64,
+                delta=None if deltas is None else deltas[layer].double(),
+            )
         return cls(base_fingerprint, client_id, round, n or 0, layers, **kw)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -116,8 +118,9 @@ class Expectation:
     round: int | None = None
 
 
-def load_update(path: str | os.PathLike[str], expect: Expectation | None = None,
-                symmetry_rtol: float = 1e-6) -> ClientUpdate:
+def load_update(
+    path: str | os.PathLike[str], expect: Expectation | None = None, symmetry_rtol: float = 1e-6
+) -> ClientUpdate:
     """Read and validate an update; raises UpdateError naming the file and what is wrong."""
     path = Path(path)
 
@@ -135,18 +138,27 @@ def load_update(path: str | os.PathLike[str], expect: Expectation | None = None,
             layers_list = json.loads(meta["layers"])
             layers = {}
             for layer in layers_list:
-                lu = LayerUpdate(**{k: f.get_tensor(f"layer.{layer}.{k}")
-                                    for k in _KINDS if f"layer.{layer}.{k}" in names})
+                lu = LayerUpdate(
+                    **{
+                        k: f.get_tensor(f"layer.{layer}.{k}")
+                        for k in _KINDS
+                        if f"layer.{layer}.{k}" in names
+                    }
+                )
                 layers[int(layer)] = lu
     except SafetensorError as exc:
         raise fail(f"unreadable safetensors file ({exc})") from None
     except (KeyError, json.JSONDecodeError) as exc:
         raise fail(f"bad metadata ({exc})") from None
     update = ClientUpdate(
-        base_fingerprint=meta["base_fingerprint"], client_id=meta["client_id"],
-        round=int(meta["round"]), n_edits=int(meta["n_edits"]), layers=layers,
+        base_fingerprint=meta["base_fingerprint"],
+        client_id=meta["client_id"],
+        round=int(meta["round"]),
+        n_edits=int(meta["n_edits"]),
+        layers=layers,
         modules={int(k): v for k, v in json.loads(meta.get("modules", "{}")).items()},
-        editor=meta.get("editor", ""), created_at=float(meta.get("created_at", "0")),
+        editor=meta.get("editor", ""),
+        created_at=float(meta.get("created_at", "0")),
         extra=json.loads(meta.get("extra", "{}")),
     )
     for layer, lu in layers.items():
@@ -165,8 +177,10 @@ def load_update(path: str | os.PathLike[str], expect: Expectation | None = None,
                 raise fail(f"layer {layer}: {exc}") from None
     if expect is not None:
         if update.base_fingerprint != expect.base_fingerprint:
-            raise fail(f"made for base model {update.base_fingerprint}, "
-                       f"the server's is {expect.base_fingerprint}")
+            raise fail(
+                f"made for base model {update.base_fingerprint}, "
+                f"the server's is {expect.base_fingerprint}"
+            )
         if expect.round is not None and update.round != expect.round:
             raise fail(f"round {update.round}, the server expects round {expect.round}")
         if set(layers) != set(expect.shapes):

@@ -180,6 +180,10 @@ class ZResult:
     final_loss: torch.Tensor  # (n,) last computed loss per request
     steps_taken: torch.Tensor  # (n,) optimiser steps applied per request
 
+    def select(self, index: Sequence[int]) -> ZResult:
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return ZResult(self.z[idx], self.z_init[idx], self.final_loss[idx], self.steps_taken[idx])
+
 
 def _compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Half-precision models still optimise z and compare log-probabilities in float32."""

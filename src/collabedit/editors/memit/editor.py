@@ -75,13 +75,18 @@ class MemitSession:
         requests: Sequence[EditRequest],
         cfg: MemitConfig,
         progress: Progress = None,
+        z: ZResult | None = None,
     ) -> None:
+        """`z`: target vectors already optimised for exactly these requests on this base model
+        (a simulation reuses them across parties; z depends only on the request and the base)."""
         self.layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
         validate_requests(tokenizer, requests, cfg.kl_prompt)
         self.model, self.tokenizer, self.requests, self.cfg = model, tokenizer, requests, cfg
         t0 = time.perf_counter()
         self.templates = context_templates(model, tokenizer, cfg)
-        self.z = optimise_z(
+        if z is not None and z.z.shape[0] != len(requests):
+            raise ValueError(f"{z.z.shape[0]} target vectors for {len(requests)} requests")
+        self.z = z or optimise_z(
             model, tokenizer, requests, self.layers[-1], self.templates, cfg, progress
         )
         self.timings = {"z": time.perf_counter() - t0, "keys": 0.0}
@@ -118,6 +123,7 @@ def edit(
     frozen: bool = False,
     apply: bool = True,
     progress: Progress = None,
+    z: ZResult | None = None,
 ) -> EditResult:
     """Edit `requests` into `model` (in place when `apply`). covariances[layer] = E[k k^T]."""
     layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
@@ -125,7 +131,7 @@ def edit(
     if missing:
         raise ValueError(f"no covariance statistics for layer(s) {missing}")
     t0 = time.perf_counter()
-    session = MemitSession(model, tokenizer, requests, cfg, progress)
+    session = MemitSession(model, tokenizer, requests, cfg, progress, z)
     originals = {layer: arch.read_weight(model, layer) for layer in layers}
     edits: list[LayerEdit] = []
     solve = 0.0
