@@ -116,3 +116,37 @@ def test_edit_rejects_bad_layers_before_writing(tmp_path):
     assert result.exit_code == 1
     assert "out of range" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_client_edit_then_server_merge_rounds(tmp_path):
+    hp = tmp_path / "memit.yaml"
+    hp.write_text("layers: [1, 2]\nmom2_n_samples: 3000\n")
+    reqs = tmp_path / "all.jsonl"
+    assert run("world", "requests", "--n", 12, "--format", "jsonl", "--out", reqs,
+               "--seed", 5).exit_code == 0
+    lines = reqs.read_text().splitlines()
+    updates = []
+    for i in range(2):
+        part = tmp_path / f"c{i}.jsonl"
+        part.write_text("\n".join(lines[6 * i : 6 * i + 6]) + "\n")
+        upd = tmp_path / f"c{i}.safetensors"
+        result = run("client", "edit", "--model", "world", "--requests", part, "--out", upd,
+                     "--client-id", f"c{i}", "--hparams", hp)
+        assert result.exit_code == 0, result.output
+        updates.append(upd)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not an update")
+    state, merged = tmp_path / "state", tmp_path / "round1"
+    result = run("server", "merge", "--model", "world", "--updates", updates[0], "--updates",
+                 updates[1], "--updates", junk, "--out", merged, "--state", state,
+                 "--hparams", hp, "--json", tmp_path / "merge.json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "merge.json").read_text())
+    assert len(summary["accepted"]) == 2 and list(summary["rejected"]) == [str(junk)]
+    assert summary["state"]["round"] == 1
+    result = run("eval", "--model", merged, "--requests", reqs, "--json", tmp_path / "e.json")
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["ES"] >= 90
+    # round 1 is based on the merged model: the unedited world is refused
+    result = run("client", "edit", "--model", "world", "--requests", reqs, "--out",
+                 tmp_path / "late.safetensors", "--round-state", state, "--hparams", hp)
+    assert result.exit_code == 1 and "not the global model of round 1" in result.output

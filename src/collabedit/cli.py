@@ -32,8 +32,12 @@ world_app = typer.Typer(
 requests_app = typer.Typer(
     help="Edit request files (CounterFact/MCF, zsRE, JSONL).", no_args_is_help=True
 )
+client_app = typer.Typer(help="A client's side of a collaborative round.", no_args_is_help=True)
+server_app = typer.Typer(help="The server's side of a collaborative round.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(requests_app, name="requests")
+app.add_typer(client_app, name="client")
+app.add_typer(server_app, name="server")
 
 console = Console(stderr=True)
 out = Console()
@@ -42,6 +46,9 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="HF model id, local model folder, or 'world'.")
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="world, gpt2-xl, gpt-j.")]
+HparamsOpt = Annotated[Path | None, typer.Option(help="EasyEdit MEMIT YAML.")]
+LayersOpt = Annotated[str | None, typer.Option(help="Comma-separated layers.")]
 
 
 def _progress() -> Progress:
@@ -196,7 +203,7 @@ def stats(
     cache: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Collect (or reuse) covariance statistics C = E[k k^T] of the edited layers."""
+    """Collect (or reuse) covariance statistics C = E(k k^T) of the edited layers."""
     from collabedit.editors import default_config
     from collabedit.models import arch
     from collabedit.models.loading import load_model
@@ -241,35 +248,24 @@ def edit_cmd(
     requests: Annotated[Path, typer.Option("--requests", "-r", help="Request file.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder (model) or file (--delta).")],
     editor: Annotated[str, typer.Option(help="memit or memit-frozen.")] = "memit",
-    preset_name: Annotated[
-        str | None, typer.Option("--preset", help="world, gpt2-xl, gpt-j.")
-    ] = None,
-    hparams: Annotated[Path | None, typer.Option(help="EasyEdit MEMIT YAML.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Comma-separated layers.")] = None,
+    preset_name: PresetOpt = None,
+    hparams: HparamsOpt = None,
+    layers: LayersOpt = None,
     delta: Annotated[bool, typer.Option(help="Write only the per-layer deltas.")] = False,
     format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
     json_out: JsonOpt = None,
 ) -> None:
     """Edit a model with MEMIT (one party, all requests: Global-Edit)."""
-    import shutil
 
     from collabedit.deltas import save_deltas
-    from collabedit.editors import apply_edits, default_config, preset
-    from collabedit.editors.memit import from_easyedit_yaml
+    from collabedit.editors import apply_edits
     from collabedit.models import arch
-    from collabedit.models.loading import load_model, resolve_model_path
+    from collabedit.models.loading import load_model
 
     reqs = _load_requests_or_exit(requests, format)
     lm, tok = load_model(model)
-    try:
-        cfg = preset(preset_name) if preset_name else default_config(lm)
-        if hparams:
-            cfg = from_easyedit_yaml(hparams, cfg)
-        if layers:
-            cfg = cfg.model_copy(update={"layers": _layers_opt(layers)})
-        chosen = arch.check_layers(lm, cfg.layers or arch.default_layers(lm))
-    except (ValueError, OSError) as exc:
-        raise _fail(str(exc)) from exc
+    cfg = _memit_config(lm, preset_name, hparams, layers)
+    chosen = cfg.layers
     base_fp = arch.fingerprint(lm, chosen)
     with _progress() as bar:
         tasks: dict[str, int] = {}
@@ -298,17 +294,164 @@ def edit_cmd(
             info,
         )
     else:
-        lm.save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
-        world_json = Path(resolve_model_path(model)) / "world.json"
-        if world_json.is_file():
-            shutil.copy(world_json, out_dir / "world.json")
+        _save_model(lm, tok, model, out_dir)
     out.print(
         f"{len(reqs)} requests edited with {editor} into layers {list(chosen)} "
         f"in {result.timings['total']:.1f} s; written to {out_dir}"
     )
     if json_out:
         write_json(json_out, info | {"layers": list(chosen), "out": str(out_dir)})
+
+
+def _save_model(lm, tok, source: str, out_dir: Path) -> None:
+    """save_pretrained (safetensors); an edited world stays a world (its world.json comes too)."""
+    import shutil
+
+    from collabedit.models.loading import resolve_model_path
+
+    lm.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    world_json = Path(resolve_model_path(source)) / "world.json"
+    if world_json.is_file():
+        shutil.copy(world_json, out_dir / "world.json")
+
+
+def _memit_config(lm, preset_name: str | None, hparams: Path | None, layers: str | None):
+    """Preset (or the model's default), then an EasyEdit YAML, then --layers; validated."""
+    from collabedit.editors import default_config, preset
+    from collabedit.editors.memit import from_easyedit_yaml
+    from collabedit.models import arch
+
+    try:
+        cfg = preset(preset_name) if preset_name else default_config(lm)
+        if hparams:
+            cfg = from_easyedit_yaml(hparams, cfg)
+        if layers:
+            cfg = cfg.model_copy(update={"layers": _layers_opt(layers)})
+        chosen = arch.check_layers(lm, cfg.layers or arch.default_layers(lm))
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    return cfg.model_copy(update={"layers": list(chosen)})
+
+
+@client_app.command("edit")
+def client_edit(
+    model: ModelOpt,
+    requests: Annotated[Path, typer.Option("--requests", "-r", help="Private request file.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Update file to write.")],
+    round_state: Annotated[
+        Path | None, typer.Option(help="The server's state folder (round, base model).")
+    ] = None,
+    client_id: Annotated[str, typer.Option(help="This client's id.")] = "client",
+    editor: Annotated[str, typer.Option(help="memit-frozen or memit.")] = "memit-frozen",
+    preset_name: PresetOpt = None,
+    hparams: HparamsOpt = None,
+    layers: LayersOpt = None,
+    format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+) -> None:
+    """Edit private requests locally; write only P = R K^T, S = K K^T and the local delta."""
+    from collabedit.collab.protocol import Client, client_update
+    from collabedit.collab.state import load_state
+    from collabedit.models import arch
+    from collabedit.models.loading import load_model
+    from collabedit.stats import layer_stats
+
+    reqs = _load_requests_or_exit(requests, format)
+    lm, tok = load_model(model)
+    cfg = _memit_config(lm, preset_name, hparams, layers)
+    round_no = 0
+    if round_state is not None:
+        try:
+            state, _ = load_state(round_state)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from exc
+        if state.layers != cfg.layers:
+            raise _fail(f"the server edits layers {state.layers}, not {cfg.layers}")
+        if arch.fingerprint(lm, state.layers) != state.base_fingerprint:
+            raise _fail(f"{model} is not the global model of round {state.round}")
+        round_no = state.round
+    covs = {
+        k: s.mom2
+        for k, s in layer_stats(lm, tok, cfg.layers, cfg.mom2_dataset, cfg.mom2_n_samples).items()
+    }
+    try:
+        update = client_update(lm, tok, Client(client_id, reqs), cfg, covs, editor, round_no)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    update.save(out_file)
+    out.print(
+        f"{client_id}: {len(reqs)} requests -> {out_file} (round {round_no}, layers "
+        f"{cfg.layers}, editor {editor})"
+    )
+
+
+@server_app.command("merge")
+def server_merge(
+    model: ModelOpt,
+    updates: Annotated[list[Path], typer.Option("--updates", help="Client update files.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
+    method: Annotated[
+        str, typer.Option(help="collabedit, ties, task-arithmetic, simple-average.")
+    ] = "collabedit",
+    state_dir: Annotated[Path | None, typer.Option("--state", help="Server state folder.")] = None,
+    lam: Annotated[float, typer.Option(help="Scale for ties / task-arithmetic.")] = 1.0,
+    top_k: Annotated[float, typer.Option(help="Share kept by ties.")] = 0.2,
+    beta1: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of earlier rounds' S in C_t (default lambda: dynamic; 0: immutable)."
+        ),
+    ] = None,
+    preset_name: PresetOpt = None,
+    hparams: HparamsOpt = None,
+    layers: LayersOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Merge client updates into the global model; bad updates are rejected one by one."""
+
+    from collabedit.collab.merge import METHODS
+    from collabedit.collab.server import merge_round, open_state
+    from collabedit.collab.state import save_state
+    from collabedit.models.loading import load_model
+    from collabedit.stats import layer_stats
+
+    if method not in METHODS:
+        raise _fail(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    lm, tok = load_model(model)
+    cfg = _memit_config(lm, preset_name, hparams, layers)
+    beta0 = cfg.mom2_update_weight
+    state, sums = open_state(
+        state_dir, lm, cfg.layers, method, beta0, beta0 if beta1 is None else beta1
+    )
+    covs = {
+        k: s.mom2
+        for k, s in layer_stats(lm, tok, cfg.layers, cfg.mom2_dataset, cfg.mom2_n_samples).items()
+    }
+    params = {"ties": {"lam": lam, "top_k": top_k}, "task-arithmetic": {"lam": lam}}
+    try:
+        outcome = merge_round(lm, updates, state, sums, covs, method, **params.get(method, {}))
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    for reason in outcome.rejected.values():
+        console.print(f"[yellow]rejected[/yellow] {reason}")
+    _save_model(lm, tok, model, out_dir)
+    if state_dir is not None:
+        save_state(state_dir, outcome.state, outcome.sum_s)  # last: a crash before reruns
+    out.print(
+        f"round {state.round}: merged {len(outcome.accepted)} update(s) with {method}, "
+        f"rejected {len(outcome.rejected)}; model written to {out_dir}"
+    )
+    if json_out:
+        write_json(
+            json_out,
+            {
+                "round": state.round,
+                "accepted": outcome.accepted,
+                "rejected": outcome.rejected,
+                "method": method,
+                "state": outcome.state.model_dump(),
+            },
+        )
 
 
 @world_app.command("info")
