@@ -180,6 +180,12 @@ class ZResult:
     final_loss: torch.Tensor  # (n,) last computed loss per request
     steps_taken: torch.Tensor  # (n,) optimiser steps applied per request
 
+    @property
+    def relative_residuals(self) -> torch.Tensor:
+        """||z - z_init|| / ||z_init|| per request: near zero when the model already gives the
+        new object (an overlapping, already-made edit), so it flags overlap before merging."""
+        return (self.z - self.z_init).norm(dim=1) / self.z_init.norm(dim=1).clamp_min(1e-12)
+
     def select(self, index: Sequence[int]) -> ZResult:
         idx = torch.as_tensor(list(index), dtype=torch.long)
         return ZResult(self.z[idx], self.z_init[idx], self.final_loss[idx], self.steps_taken[idx])
