@@ -360,3 +360,20 @@ def test_presets_and_easyedit_yaml(tmp_path):
     cfg = from_easyedit_yaml(y)
     assert cfg.layers == [3, 4] and cfg.v_lr == 0.2 and cfg.mom2_update_weight == 12000
     assert cfg.mom2_dataset.startswith("wikipedia")
+
+
+def test_residual_shrinks_when_the_edit_is_already_made():
+    """Overlap signal (the paper's Figure 3): re-editing a made edit needs a smaller residual."""
+    from collabedit.world.edit_requests import world_requests
+    from collabedit.world.store import load_world
+
+    b = load_world()
+    cfg = preset("world").model_copy(update={"mom2_n_samples": 3000})
+    reqs = world_requests(b.world, 10, seed=11)
+    cov = {k: s.mom2 for k, s in layer_stats(b.model, b.tokenizer, cfg.layers, "world",
+                                             3000).items()}
+    templates = context_templates(b.model, b.tokenizer, cfg)
+    first = optimise_z(b.model, b.tokenizer, reqs, cfg.layers[-1], templates, cfg)
+    edit(b.model, b.tokenizer, reqs, cfg, cov, z=first)
+    again = optimise_z(b.model, b.tokenizer, reqs, cfg.layers[-1], templates, cfg)
+    assert again.relative_residuals.mean() < 0.5 * first.relative_residuals.mean()
