@@ -40,10 +40,12 @@ class LayerStats:
     meta: dict
 
 
-def iter_corpus(corpus: str, limit: int | None = None) -> Iterator[str]:
-    """Texts of a corpus: `world` (the shipped world's sentences), a local text file (one text per
-    line), or a Hugging Face dataset id such as `wikitext:wikitext-103-raw-v1` (needs the
-    `datasets` package and a reachable hub)."""
+def iter_corpus(
+    corpus: str, limit: int | None = None, world_dir: str | os.PathLike[str] | None = None
+) -> Iterator[str]:
+    """Texts of a corpus: `world` (the sentences of the world in `world_dir`, by default the
+    shipped one), a local text file (one text per line), or a Hugging Face dataset id such as
+    `wikitext:wikitext-103-raw-v1` (needs the `datasets` package and a reachable hub)."""
     count = 0
 
     def limited(texts: Iterable[str]) -> Iterator[str]:
@@ -61,7 +63,8 @@ def iter_corpus(corpus: str, limit: int | None = None) -> Iterator[str]:
         from collabedit.world.generator import World
         from collabedit.world.store import DEFAULT_WORLD_DIR, WORLD_FILE
 
-        yield from limited(World.load(DEFAULT_WORLD_DIR / WORLD_FILE).sentences())
+        folder = Path(world_dir) if world_dir is not None else DEFAULT_WORLD_DIR
+        yield from limited(World.load(folder / WORLD_FILE).sentences())
     elif Path(corpus).is_file():
         with open(corpus, encoding="utf-8") as f:
             yield from limited(f)
@@ -194,10 +197,12 @@ def layer_stats(
             missing.append(layer)
     if missing:
         start = time.perf_counter()
+        source = Path(str(getattr(model.config, "_name_or_path", "")))
+        world_dir = source if (source / "world.json").is_file() else None
         fresh = collect_stats(
             model,
             tokenizer,
-            iter_corpus(corpus, samples),
+            iter_corpus(corpus, samples, world_dir),
             missing,
             batch_size=batch_size,
             progress=progress,

