@@ -90,6 +90,10 @@ def build_world(
         tokenizer.save_pretrained(tmp)
         world.save(tmp / WORLD_FILE)
         (tmp / BUILD_FILE).write_text(json.dumps(build, indent=1) + "\n")
+        # mkdtemp makes a private folder; a shipped world must be readable by everyone
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
