@@ -37,6 +37,15 @@ def solve_update(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     check_finite(A64, "A")
     check_symmetric(A64, "A")
     factor, info = torch.linalg.cholesky_ex(A64)
+    # A key direction no corpus text ever excites (a dead MLP unit, a tiny corpus) leaves
+    # lambda*C + K K^T singular. The smallest diagonal jitter that makes it factorisable
+    # changes nothing the data determine; a matrix that still fails is a real error.
+    scale = float(A64.diagonal().abs().mean())
+    for eps in (1e-12, 1e-10, 1e-8):
+        if info == 0 or not torch.isfinite(torch.tensor(scale)) or scale <= 0:
+            break
+        factor, info = torch.linalg.cholesky_ex(A64 + eps * scale * torch.eye(
+            A64.shape[0], dtype=A64.dtype))
     if info != 0:
         raise ValueError("A = lambda*C + K K^T is not positive definite (is lambda*C singular?)")
     # A X = P^T  =>  X = A^-1 P^T  =>  Delta = X^T (A symmetric)
