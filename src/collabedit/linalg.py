@@ -44,8 +44,9 @@ def solve_update(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     for eps in (1e-12, 1e-10, 1e-8):
         if info == 0 or not torch.isfinite(torch.tensor(scale)) or scale <= 0:
             break
-        factor, info = torch.linalg.cholesky_ex(A64 + eps * scale * torch.eye(
-            A64.shape[0], dtype=A64.dtype))
+        factor, info = torch.linalg.cholesky_ex(
+            A64 + eps * scale * torch.eye(A64.shape[0], dtype=A64.dtype)
+        )
     if info != 0:
         raise ValueError("A = lambda*C + K K^T is not positive definite (is lambda*C singular?)")
     # A X = P^T  =>  X = A^-1 P^T  =>  Delta = X^T (A symmetric)

@@ -49,12 +49,18 @@ class Announcement:
     requested_at: float
 
 
-def announce(client_id: str, requests: Iterable[EditRequest], key: bytes,
-             requested_at: Sequence[float] | None = None) -> list[Announcement]:
+def announce(
+    client_id: str,
+    requests: Iterable[EditRequest],
+    key: bytes,
+    requested_at: Sequence[float] | None = None,
+) -> list[Announcement]:
     requests = list(requests)
     times = list(requested_at) if requested_at is not None else [0.0] * len(requests)
-    return [Announcement(client_id, r.case_id, fact_hash(r, key), object_hash(r, key), t)
-            for r, t in zip(requests, times, strict=True)]
+    return [
+        Announcement(client_id, r.case_id, fact_hash(r, key), object_hash(r, key), t)
+        for r, t in zip(requests, times, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,7 @@ def optimise_z(
     active = torch.ones(n, dtype=torch.bool)
     steps = torch.zeros(n, dtype=torch.long)
     final = torch.zeros(n, dtype=torch.float64)
+    head = model.get_output_embeddings()
     grad_flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -295,18 +296,24 @@ def optimise_z(
                     return h
 
                 with shift_block_output(model, layer, shift):
-                    logits = model(input_ids=ch["ids"], attention_mask=ch["mask"]).logits
+                    # logits only where a loss reads them: the full (rows x length x vocab)
+                    # tensor and its backward dominate otherwise
+                    hidden = model.base_model(
+                        input_ids=ch["ids"], attention_mask=ch["mask"]
+                    ).last_hidden_state
                 if "h" in captured:
                     ch["z0"] = True
                     z_init[ch["first_owner"].cpu()] = captured["h"].double().cpu()
                 # NLL of the target tokens, each row weighted 1/(tokens * rows of its request)
-                tl = torch.log_softmax(logits[ch["t_row"], ch["t_pos"]].to(dtype), dim=-1)
+                tl = torch.log_softmax(head(hidden[ch["t_row"], ch["t_pos"]]).to(dtype), dim=-1)
                 token_nll = -tl.gather(1, ch["t_tok"][:, None]).squeeze(1) * ch["t_w"]
                 req_loss = torch.zeros(n, device=device, dtype=dtype).index_add(
                     0, ch["t_owner"], token_nll
                 )
                 if len(ch["kl_row"]):
-                    cur = torch.log_softmax(logits[ch["kl_row"], ch["kl_pos"]].to(dtype), dim=-1)
+                    cur = torch.log_softmax(
+                        head(hidden[ch["kl_row"], ch["kl_pos"]]).to(dtype), dim=-1
+                    )
                     if "kl_init" not in ch:
                         ch["kl_init"] = cur.detach()
                     # MEMIT's kl_div(init, current, log_target=True) is KL(current || init)
