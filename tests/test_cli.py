@@ -32,7 +32,7 @@ def test_help_lists_the_commands():
 def test_world_info_json_reports_recall():
     result = run("world", "info", "--json")
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert 0.99 <= info["recall"] <= 1.0
     assert info["n_subjects"] >= 1000 and info["n_relations"] >= 6
     assert info["architecture"]["model_type"] == "gpt2"

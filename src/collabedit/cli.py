@@ -39,8 +39,16 @@ app.add_typer(requests_app, name="requests")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
 
+@app.callback()
+def _quiet_loading() -> None:
+    """Our own progress bars are enough; transformers' weight-loading bars would clutter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="HF model id, local model folder, or 'world'.")
