@@ -16,9 +16,6 @@ import copy
 import time
 from collections.abc import Callable
 
-import torch
-from transformers import PreTrainedModel
-
 from collabedit.collab.protocol import (
     Client,
     apply_deltas,
@@ -29,6 +26,7 @@ from collabedit.collab.protocol import (
 )
 from collabedit.editors.memit import MemitConfig, edit
 from collabedit.editors.memit.compute import context_templates, optimise_z
+from collabedit.editors.memit.editor import restore
 from collabedit.evaluate.metrics import evaluate_requests
 from collabedit.models import arch
 from collabedit.requests import EditRequest
@@ -46,15 +44,6 @@ Log = Callable[[str], None]
 def _clients(requests: list[EditRequest], n: int) -> list[Client]:
     m = len(requests) // n
     return [Client(f"client-{i}", requests[i * m : (i + 1) * m]) for i in range(n)]
-
-
-def _snapshot(model: PreTrainedModel, layers) -> dict[int, torch.Tensor]:
-    return {layer: arch.read_weight(model, layer) for layer in layers}
-
-
-def _restore(model: PreTrainedModel, saved: dict[int, torch.Tensor]) -> None:
-    for layer, w in saved.items():
-        arch.write_weight(model, layer, w)
 
 
 def _fidelity(model, tok, clients, requests, zs, z_all, cfg, covs, lam_c, log: Log) -> dict:
@@ -101,7 +90,7 @@ def run_demo(
     covs = {layer: s.mom2 for layer, s in stats.items()}
     lam_c = {layer: cfg.mom2_update_weight * c for layer, c in covs.items()}
     templates = context_templates(model, tok, cfg)
-    base = _snapshot(model, layers)
+    base = {layer: arch.read_weight(model, layer) for layer in layers}
     methods: dict[str, dict] = {row: {} for row in METHOD_ROWS}
     fid: dict[str, float] = {}
     for form, keys in (("counterfact", CF_KEYS), ("zsre", ZSRE_KEYS)):
@@ -135,7 +124,7 @@ def run_demo(
         for row, deltas in results.items():
             apply_deltas(model, deltas)
             score(row)
-            _restore(model, base)
+            restore(model, base)
         if form == "counterfact" and fidelity:
             fid = _fidelity(model, tok, clients, requests, zs, z_all, cfg, covs, lam_c, log)
     return {
