@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
+from collabedit.conflict_requests import ConflictPair
 from collabedit.requests import EditRequest
 from collabedit.world.generator import FILLERS, World
 
@@ -88,3 +89,21 @@ def world_requests(
                 )
             )
     return requests
+
+
+def world_conflict_pairs(
+    world: World, n: int, seed: int = 0, form: RequestForm = "counterfact"
+) -> list[ConflictPair]:
+    """`n` conflicts on distinct subjects: the request `world_requests` makes, and a rival that
+    edits the same subject and relation to another new object (neither the true one nor the
+    first's). Case ids are 2i and 2i+1, as in the published conflict benchmark's loader."""
+    rng = random.Random(seed + 7919)
+    pairs = []
+    for i, req in enumerate(world_requests(world, n, seed=seed, form=form)):
+        rel = world.relation(req.relation_id or "")
+        rival = rng.choice([o for o in rel.objects if o not in (req.target_true, req.target_new)])
+        first = req.model_copy(update={"case_id": 2 * i})
+        pairs.append(
+            ConflictPair(first, req.model_copy(update={"case_id": 2 * i + 1, "target_new": rival}))
+        )
+    return pairs
