@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
     GPTNeoXConfig,
@@ -113,6 +115,18 @@ def _models(vocab: int):
                 n_embd=32,
                 n_layer=4,
                 n_head=4,
+                initializer_range=INIT,
+            )
+        ),
+        "gpt_neo": GPTNeoForCausalLM(
+            GPTNeoConfig(
+                vocab_size=vocab,
+                max_position_embeddings=64,
+                hidden_size=32,
+                num_layers=4,
+                num_heads=4,
+                attention_types=[[["local", "global"], 2]],
+                window_size=4,
                 initializer_range=INIT,
             )
         ),
@@ -228,7 +242,7 @@ def test_batched_z_equals_one_request_at_a_time(tok, dtype, tol):
     assert ((together.z - together.z_init).norm(dim=1) > 1e-3).all()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj", "gpt_neox", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neo", "gptj", "gpt_neox", "llama"])
 def test_edit_each_architecture_only_touches_chosen_layers(tok, name):
     model = _models(len(tok))[name].eval()
     cfg = _cfg()

@@ -189,6 +189,49 @@ def demo(
         write_json(json_out, result)
 
 
+@app.command(
+    context_settings={"help_option_names": ["--help", "-h"]},
+    epilog="Experiments: scale (Fig. 1), clients (Fig. 6), forgetting (Table 5), overlap "
+    "(Fig. 3), conflict (Tables 6 and 4). Settings with --set, e.g. --set counts=[50,200] "
+    "--set clients=5; `collabedit bench NAME --show-config` lists them.",
+)
+def bench(
+    name: Annotated[str, typer.Argument(help="scale, clients, forgetting, overlap or conflict.")],
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value (JSON values), repeatable.")
+    ] = None,
+    world: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    show_config: Annotated[bool, typer.Option(help="Print the settings and stop.")] = False,
+    json_out: JsonOpt = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG figure.")] = None,
+) -> None:
+    """Run one of the paper's experiments in-process on the embedded world."""
+    from pydantic import ValidationError
+
+    from collabedit.bench import BENCHES, make_config, parse_overrides, run_bench
+    from collabedit.bench.lab import Lab
+    from collabedit.world.store import load_world
+
+    try:
+        cfg = make_config(name, parse_overrides(settings or []))
+    except (ValueError, ValidationError) as exc:
+        raise _fail(str(exc)) from exc
+    if show_config:
+        out.print(json.dumps(cfg.model_dump(), indent=1))
+        return
+    try:
+        bundle = load_world(world)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from exc
+    result = run_bench(name, Lab.open(bundle), cfg, log=lambda m: console.print(m, style="dim"))
+    out.print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
+    if json_out:
+        write_json(json_out, result)
+    if plot:
+        BENCHES[name].plot(result, cfg, plot)
+        out.print(f"figure written to {plot}")
+
+
 def _layers_opt(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -405,11 +448,12 @@ def server_merge(
     lam: Annotated[float, typer.Option(help="Scale for ties / task-arithmetic.")] = 1.0,
     top_k: Annotated[float, typer.Option(help="Share kept by ties.")] = 0.2,
     beta1: Annotated[
-        float | None,
+        float,
         typer.Option(
-            help="Weight of earlier rounds' S in C_t (default lambda: dynamic; 0: immutable)."
+            help="Weight of earlier rounds' K K^T in the covariance (1: dynamic, as new edits "
+            "weigh; 0: immutable lambda C_0)."
         ),
-    ] = None,
+    ] = 1.0,
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
@@ -429,7 +473,7 @@ def server_merge(
     cfg = _memit_config(lm, preset_name, hparams, layers)
     beta0 = cfg.mom2_update_weight
     state, sums = open_state(
-        state_dir, lm, cfg.layers, method, beta0, beta0 if beta1 is None else beta1
+        state_dir, lm, cfg.layers, method, beta0, beta1
     )
     covs = {
         k: s.mom2

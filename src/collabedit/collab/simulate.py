@@ -5,52 +5,36 @@ all N*M), CollabEdit, and the destructive baselines (TIES, Task-Arithmetic, Simp
 from the clients' local deltas. CounterFact-form requests give NS/PS/ES/Score, zsRE-form requests
 NA/PA/EA/Score. Fidelity: max over layers of ||Delta_collab - Delta_global|| / ||Delta_global||
 for each editor/protocol pair.
-
-Target vectors z depend only on a request and the base model (and batched = one at a time), so
-the simulation optimises them once per request set and hands each party its own slice.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 
+from collabedit.bench.lab import CF_KEYS, MERGE_METHODS, ZSRE_KEYS, Lab, Log, split_evenly
 from collabedit.collab.protocol import (
     Client,
-    apply_deltas,
     client_update,
     layer_sync_round,
     merge_updates,
     relative_gap,
 )
 from collabedit.editors.memit import MemitConfig, edit
-from collabedit.editors.memit.compute import context_templates, optimise_z
-from collabedit.editors.memit.editor import restore
-from collabedit.evaluate.metrics import evaluate_requests
-from collabedit.models import arch
-from collabedit.requests import EditRequest
-from collabedit.stats import layer_stats
 from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import WorldBundle
 
-METHOD_ROWS = ("unedited", "global", "collabedit", "ties", "task-arithmetic", "simple-average")
-CF_KEYS = ("ES", "PS", "NS", "Score")
-ZSRE_KEYS = ("EA", "PA", "NA", "zsRE_Score")
-
-Log = Callable[[str], None]
+METHOD_ROWS = ("unedited", "global", *MERGE_METHODS)
 
 
-def _clients(requests: list[EditRequest], n: int) -> list[Client]:
-    m = len(requests) // n
-    return [Client(f"client-{i}", requests[i * m : (i + 1) * m]) for i in range(n)]
-
-
-def _fidelity(model, tok, clients, requests, zs, z_all, cfg, covs, lam_c, log: Log) -> dict:
+def _fidelity(lab: Lab, requests, z_all, n_clients: int, log: Log) -> dict:
     """Merge fidelity of each editor/protocol pair, measured on a float64 copy of the model so
     that it shows the method's error, not float32 rounding."""
     log("[fidelity] frozen, one-shot and layer-sync against Global-Edit (float64)")
-    m64 = copy.deepcopy(model).double()
+    m64, tok, cfg, covs = copy.deepcopy(lab.model).double(), lab.tok, lab.cfg, lab.covs
+    parts = split_evenly(len(requests), n_clients)
+    clients = [Client(f"client-{i}", [requests[j] for j in idx]) for i, idx in enumerate(parts)]
+    zs = [z_all.select(idx) for idx in parts]
     fid = {}
     for editor in ("memit-frozen", "memit"):
         glob = edit(
@@ -61,7 +45,7 @@ def _fidelity(model, tok, clients, requests, zs, z_all, cfg, covs, lam_c, log: L
             client_update(m64, tok, c, cfg, covs, editor, z=z)
             for c, z in zip(clients, zs, strict=True)
         ]
-        merged = merge_updates(updates, lam_c, "collabedit")
+        merged = merge_updates(updates, lab.weighted_covs(), "collabedit")
         fid["frozen" if editor == "memit-frozen" else "one-shot"] = relative_gap(merged, reference)
     fid["layer-sync"] = relative_gap(layer_sync_round(m64, tok, clients, cfg, covs, zs), reference)
     log("[fidelity] " + ", ".join(f"{k} {v:.2e}" for k, v in fid.items()))
@@ -79,54 +63,23 @@ def run_demo(
     fidelity: bool = True,
     log: Log = print,
 ) -> dict:
-    from collabedit.editors import preset
-
-    cfg = cfg or preset("world")
-    model, tok = bundle.model, bundle.tokenizer
-    layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
-    n = n_clients * edits_per_client
     start = time.perf_counter()
-    stats = layer_stats(model, tok, layers, cfg.mom2_dataset, cfg.mom2_n_samples)
-    covs = {layer: s.mom2 for layer, s in stats.items()}
-    lam_c = {layer: cfg.mom2_update_weight * c for layer, c in covs.items()}
-    templates = context_templates(model, tok, cfg)
-    base = {layer: arch.read_weight(model, layer) for layer in layers}
+    lab = Lab.open(bundle, cfg, ties_top_k=ties_top_k, merge_lam=merge_lam)
+    n = n_clients * edits_per_client
     methods: dict[str, dict] = {row: {} for row in METHOD_ROWS}
     fid: dict[str, float] = {}
     for form, keys in (("counterfact", CF_KEYS), ("zsre", ZSRE_KEYS)):
         requests = world_requests(bundle.world, n, seed=seed, form=form)
-        clients = _clients(requests, n_clients)
         log(f"[{form}] optimising target vectors for {n} requests")
-        z_all = optimise_z(model, tok, requests, layers[-1], templates, cfg)
-        zs = [
-            z_all.select(range(i * edits_per_client, (i + 1) * edits_per_client))
-            for i in range(n_clients)
-        ]
-
-        def score(row: str, keys=keys, requests=requests, form=form) -> None:
-            m = evaluate_requests(model, tok, requests)
-            methods[row] |= {k: m[k] for k in keys}
-            log(f"[{form}] {row}: " + ", ".join(f"{k} {m[k]:.1f}" for k in keys))
-
-        score("unedited")
-        log(f"[{form}] global edit and {n_clients} client updates (memit-frozen)")
-        glob = edit(model, tok, requests, cfg, covs, frozen=True, apply=False, z=z_all)
-        global_deltas = {e.layer: e.delta for e in glob.layers}
-        updates = [
-            client_update(model, tok, c, cfg, covs, "memit-frozen", z=z)
-            for c, z in zip(clients, zs, strict=True)
-        ]
-        results = {"global": global_deltas}
-        results["collabedit"] = merge_updates(updates, lam_c, "collabedit")
-        results["ties"] = merge_updates(updates, lam_c, "ties", top_k=ties_top_k, lam=merge_lam)
-        results["task-arithmetic"] = merge_updates(updates, lam_c, "task-arithmetic", lam=merge_lam)
-        results["simple-average"] = merge_updates(updates, lam_c, "simple-average")
-        for row, deltas in results.items():
-            apply_deltas(model, deltas)
-            score(row)
-            restore(model, base)
+        z_all = lab.z(requests)
+        methods["unedited"] |= lab.score(requests, keys)
+        scores = lab.compare(
+            requests, n_clients, keys=keys, z=z_all, log=lambda m, f=form: log(f"[{f}] {m}")
+        )
+        for row, m in scores.items():
+            methods[row] |= m
         if form == "counterfact" and fidelity:
-            fid = _fidelity(model, tok, clients, requests, zs, z_all, cfg, covs, lam_c, log)
+            fid = _fidelity(lab, requests, z_all, n_clients, log)
     return {
         "methods": methods,
         "fidelity": fid,
@@ -134,8 +87,8 @@ def run_demo(
             "clients": n_clients,
             "edits_per_client": edits_per_client,
             "seed": seed,
-            "layers": list(layers),
-            "lambda": cfg.mom2_update_weight,
+            "layers": lab.layers,
+            "lambda": lab.cfg.mom2_update_weight,
             "ties_top_k": ties_top_k,
             "merge_lam": merge_lam,
             "model": str(bundle.path),

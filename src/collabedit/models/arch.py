@@ -48,6 +48,8 @@ ARCHS: tuple[ArchSpec, ...] = (
         "n_embd",
         {"gpt-j-6b": (3, 4, 5, 6, 7, 8)},
     ),
+    # GPT-Neo keeps GPT-2's module names but uses nn.Linear, stored (d_out, d_in).
+    ArchSpec("gpt_neo", ("gpt_neo",), "transformer.h", "mlp.c_proj", False, "hidden_size", {}),
     ArchSpec(
         "gpt_neox", ("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", False, "hidden_size", {}
     ),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from collabedit.world.generator import World, WorldSpec, generate_world
 from collabedit.world.tokenizer import build_tokenizer
@@ -27,7 +27,7 @@ BUILD_FILE = "build.json"
 @dataclass
 class WorldBundle:
     world: World
-    model: GPT2LMHeadModel
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     build: dict
     path: Path
@@ -46,7 +46,7 @@ def load_world(path: str | os.PathLike[str] | None = None) -> WorldBundle:
             "`collabedit world build --out DIR`"
         )
     world = World.load(folder / WORLD_FILE)
-    model = GPT2LMHeadModel.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
     model.eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     build_path = folder / BUILD_FILE

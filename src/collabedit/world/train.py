@@ -14,10 +14,18 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from collabedit.evaluate.scoring import score_targets
 from collabedit.world.generator import FILLERS, World
@@ -25,6 +33,11 @@ from collabedit.world.generator import FILLERS, World
 
 class TrainConfig(BaseModel):
     seed: int = 0
+    architecture: Literal["gpt2", "gpt_neo"] = "gpt2"
+    # GPT-Neo only: the first `local_layers` blocks attend within `window_size` tokens (1: each
+    # token only to itself), the rest globally. See the module note for why.
+    local_layers: int = Field(4, ge=0)
+    window_size: int = Field(1, ge=1)
     n_layer: int = Field(6, ge=1)
     n_embd: int = Field(128, ge=8)
     n_inner: int = Field(1024, ge=8)
@@ -44,8 +57,32 @@ class TrainConfig(BaseModel):
     recall_sample: int = Field(3000, ge=10, description="facts checked after each epoch")
 
 
-def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     torch.manual_seed(cfg.seed)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if cfg.architecture == "gpt_neo":
+        if cfg.local_layers > cfg.n_layer:
+            raise ValueError(f"local_layers={cfg.local_layers} exceeds n_layer={cfg.n_layer}")
+        types = [["local"], cfg.local_layers], [["global"], cfg.n_layer - cfg.local_layers]
+        config = GPTNeoConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=cfg.n_positions,
+            hidden_size=cfg.n_embd,
+            num_layers=cfg.n_layer,
+            num_heads=cfg.n_head,
+            intermediate_size=cfg.n_inner,
+            attention_types=[t for t in types if t[1] > 0],
+            window_size=cfg.window_size,
+            resid_dropout=0.0,
+            embed_dropout=0.0,
+            attention_dropout=0.0,
+            **special,
+        )
+        return GPTNeoForCausalLM(config)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=cfg.n_positions,
@@ -56,9 +93,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMH
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special,
     )
     return GPT2LMHeadModel(config)
 
@@ -77,7 +112,7 @@ def fact_prompts(world: World, with_fillers: bool = False) -> list[tuple[str, st
 
 
 def measure_recall(
-    model: GPT2LMHeadModel,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     world: World,
     sample: int | None = None,
@@ -157,7 +192,7 @@ def train_world_model(
     cfg: TrainConfig,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
-) -> tuple[GPT2LMHeadModel, list[dict]]:
+) -> tuple[PreTrainedModel, list[dict]]:
     """Train from scratch; returns the model and one history entry per epoch.
 
     Memorisation speed varies with the world's size, so the schedule is driven by recall rather

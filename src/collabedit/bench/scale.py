@@ -1,0 +1,36 @@
+"""Figure 1 of the paper: Score against the number of edits, for Global-Edit, CollabEdit and the
+destructive merges, with the edits spread over a fixed number of clients."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from pydantic import Field
+
+from collabedit.bench.common import BenchConfig, method_lines, save_figure
+from collabedit.bench.lab import MERGE_METHODS, Lab, Log
+from collabedit.world.edit_requests import world_requests
+
+
+class ScaleConfig(BenchConfig):
+    counts: list[int] = Field(default_factory=lambda: [50, 100, 200, 500, 1000])
+    clients: int = Field(10, ge=1)
+    methods: list[str] = Field(default_factory=lambda: ["global", *MERGE_METHODS])
+
+
+def run(lab: Lab, cfg: ScaleConfig, log: Log) -> dict:
+    rows = []
+    for n in cfg.counts:
+        requests = world_requests(lab.bundle.world, n, seed=cfg.seed, form=cfg.form)
+        log(f"[scale] {n} edits over {min(cfg.clients, n)} clients")
+        scores = lab.compare(requests, min(cfg.clients, n), cfg.methods, cfg.keys, log=log)
+        rows += [{"n": n, "method": m, **s} for m, s in scores.items()]
+    return {"rows": rows}
+
+
+def plot(result: dict, cfg: ScaleConfig, path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    method_lines(ax, result["rows"], "n", cfg.score_key)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"number of edits ({cfg.clients} clients)")
+    ax.set_title("Score vs number of edits (paper Fig. 1)")
+    save_figure(fig, path)
