@@ -13,7 +13,7 @@ from collabedit.world.edit_requests import world_requests
 from collabedit.world.generator import World, WorldSpec, generate_world
 from collabedit.world.store import build_world, load_world
 from collabedit.world.tokenizer import build_tokenizer
-from collabedit.world.train import TrainConfig, measure_recall
+from collabedit.world.train import TrainConfig, measure_recall, train_world_model
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,33 @@ def test_tiny_build_is_reproducible_and_loads(tmp_path):
     assert json.loads((tmp_path / "a" / "build.json").read_text())["history"][0]["epoch"] == 1
     assert not list(tmp_path.glob(".world-*"))  # no temp folder left behind
     assert b.world.to_json() == loaded.world.to_json()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stopped_training_continues_from_its_checkpoint_to_the_same_model(tmp_path):
+    world = generate_world(WorldSpec(n_subjects=20, seed=2))
+    tok = build_tokenizer(world.vocabulary_text())
+    cfg = TrainConfig(n_layer=2, n_embd=16, n_inner=32, n_head=2, recall_sample=20,
+                      architecture="gpt_neo", local_layers=1, max_epochs=3, switch_recall=1.0,
+                      cooldown_epochs=2)
+    straight, history = train_world_model(world, tok, cfg)
+
+    def stop_in_epoch_2(epoch: int, entry: dict) -> None:
+        if epoch == 2:
+            raise _Stop  # before epoch 2's checkpoint: the file holds epoch 1
+
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(_Stop):
+        train_world_model(world, tok, cfg, on_epoch=stop_in_epoch_2, checkpoint=ckpt)
+    resumed, resumed_history = train_world_model(world, tok, cfg, checkpoint=ckpt)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["epoch"] for h in resumed_history] == [h["epoch"] for h in history]
+    with pytest.raises(ValueError, match="another training config"):
+        train_world_model(world, tok, cfg.model_copy(update={"lr": 1e-3}), checkpoint=ckpt)
 
 
 def test_load_world_rejects_a_non_world_folder(tmp_path):

@@ -560,11 +560,13 @@ def world_build(
 ) -> None:
     """Generate a world and train its GPT-2 until it recalls the facts (seeded, reproducible)."""
     from collabedit.world.generator import WorldSpec
-    from collabedit.world.store import build_world
+    from collabedit.world.store import build_world, checkpoint_path
     from collabedit.world.train import TrainConfig
 
     spec = WorldSpec(seed=seed, n_subjects=subjects)
     train = TrainConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
+    if checkpoint_path(out_dir).is_file():
+        console.print(f"continuing from the checkpoint {checkpoint_path(out_dir)}")
     with _progress() as bar:
         task = bar.add_task("training", total=None)
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,10 @@ def load_world(path: str | os.PathLike[str] | None = None) -> WorldBundle:
     return WorldBundle(world, model, tokenizer, build, folder)
 
 
+def checkpoint_path(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.checkpoint.pt"
+
+
 def build_world(
     out: str | os.PathLike[str],
     spec: WorldSpec | None = None,
@@ -61,14 +64,19 @@ def build_world(
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> WorldBundle:
-    """Generate, tokenize, train, measure recall on every fact and phrasing, save atomically."""
+    """Generate, tokenize, train, measure recall on every fact and phrasing, save atomically.
+
+    Training state is saved after every epoch beside `out` (``.<name>.checkpoint.pt``); a build
+    that was stopped continues from there when run again with the same settings."""
     spec = spec or WorldSpec()
     train = train or TrainConfig()
-    start = time.perf_counter()
     world = generate_world(spec)
     tokenizer = build_tokenizer(world.vocabulary_text())
-    model, history = train_world_model(world, tokenizer, train, on_step, on_epoch)
-    train_seconds = time.perf_counter() - start
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_path(out)
+    model, history = train_world_model(world, tokenizer, train, on_step, on_epoch, ckpt)
+    train_seconds = sum(h["seconds"] for h in history)  # across resumed runs too
     recall = measure_recall(model, tokenizer, world)
     build = {
         "spec": spec.model_dump(),
@@ -81,8 +89,6 @@ def build_world(
         "recall_prompts": recall["n"],
         "n_parameters": sum(p.numel() for p in model.parameters()),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Build into a sibling temp folder and swap it in, so a crash never leaves half a world.
     tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=out.parent))
     try:
@@ -100,4 +106,5 @@ def build_world(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ckpt.unlink(missing_ok=True)
     return load_world(out)  # what was written, with its folder as the model's name_or_path

@@ -9,11 +9,14 @@ width bounds how many edits a layer can hold.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -186,19 +189,50 @@ def _packed_rows(
     return torch.tensor(rows, dtype=torch.long), torch.tensor(weights)
 
 
+def _save_checkpoint(path: Path, model, opt, rng: random.Random, state: dict) -> None:
+    """Everything needed to continue after the epoch just finished (atomic replace)."""
+    version, internal, gauss = rng.getstate()
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng_internal": torch.tensor(internal, dtype=torch.int64),
+        "rng_version": version,
+        "rng_gauss": gauss,
+        "state": json.dumps(state),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, opt, rng: random.Random, cfg: TrainConfig) -> dict:
+    payload = torch.load(path, weights_only=True)  # plain tensors and numbers only
+    state = json.loads(payload["state"])
+    if state.get("config") != cfg.model_dump():
+        raise ValueError(f"{path}: checkpoint of another training config; delete it to restart")
+    model.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    internal = tuple(int(x) for x in payload["rng_internal"].tolist())
+    rng.setstate((payload["rng_version"], internal, payload["rng_gauss"]))
+    return state
+
+
 def train_world_model(
     world: World,
     tokenizer: PreTrainedTokenizerFast,
     cfg: TrainConfig,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[PreTrainedModel, list[dict]]:
     """Train from scratch; returns the model and one history entry per epoch.
 
     Memorisation speed varies with the world's size, so the schedule is driven by recall rather
     than a fixed epoch count: constant learning rate until a sample of facts is recalled at
     `switch_recall` (or the epoch budget runs low), then `cooldown_epochs` of linear decay.
-    on_step(epoch, step_in_epoch, steps_per_epoch, loss) reports progress.
+    on_step(epoch, step_in_epoch, steps_per_epoch, loss) reports progress. With `checkpoint`
+    (a file), the state after every epoch is saved there and a run finding it continues from it
+    with the same result as an uninterrupted run.
     """
     rng = random.Random(cfg.seed)
     model = build_model(cfg, tokenizer)
@@ -216,8 +250,16 @@ def train_world_model(
     history: list[dict] = []
     step = 0
     cooldown_left: int | None = None
+    first_epoch = 1
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = _load_checkpoint(Path(checkpoint), model, opt, rng, cfg)
+        history, step, cooldown_left = saved["history"], saved["step"], saved["cooldown_left"]
+        first_epoch = saved["epoch"] + 1
+        if saved["done"]:
+            model.eval()
+            return model, history
     model.train()
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(first_epoch, cfg.max_epochs + 1):
         start = time.perf_counter()
         if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
             cooldown_left = cfg.max_epochs - epoch + 1
@@ -263,11 +305,28 @@ def train_world_model(
         history.append(entry)
         if on_epoch is not None:
             on_epoch(epoch, entry)
+        done = epoch == cfg.max_epochs
         if cooldown_left is not None:
             cooldown_left -= 1
-            if cooldown_left == 0:
-                break
+            done = done or cooldown_left == 0
         elif recall["recall"] >= cfg.switch_recall:
             cooldown_left = cfg.cooldown_epochs
+        if checkpoint is not None:
+            _save_checkpoint(
+                Path(checkpoint),
+                model,
+                opt,
+                rng,
+                {
+                    "config": cfg.model_dump(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "cooldown_left": cooldown_left,
+                    "done": done,
+                },
+            )
+        if done:
+            break
     model.eval()
     return model, history

@@ -1,0 +1,67 @@
+"""The paper's experiments (`collabedit bench`), small settings on the shipped world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from collabedit.bench import make_config, parse_overrides
+from collabedit.cli import app
+
+runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(tmp_path, name: str, *settings: str) -> dict:
+    args = ["bench", name, "--json", str(tmp_path / f"{name}.json"),
+            "--plot", str(tmp_path / f"{name}.png")]
+    for s in settings:
+        args += ["--set", s]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_settings_are_typed_and_unknown_ones_refused():
+    cfg = make_config("scale", parse_overrides(["counts=[10,20]", "clients=3"]))
+    assert cfg.counts == [10, 20] and cfg.clients == 3
+    with pytest.raises(ValueError):
+        make_config("scale", {"nonsense": 1})
+    with pytest.raises(ValueError, match="unknown bench"):
+        make_config("nope", {})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["counts"])
+
+
+def test_clients_bench_collabedit_tracks_global_for_any_split(tmp_path):
+    data = bench(tmp_path, "clients", "edits=24", "client_counts=[1,6]",
+                 'methods=["global","collabedit","simple-average"]')
+    rows = {(r["clients"], r["method"]): r for r in data["rows"]}
+    for n in (1, 6):
+        assert abs(rows[(n, "collabedit")]["Score"] - rows[(n, "global")]["Score"]) <= 0.5
+    # one client: averaging one delta is that client's (= the global) edit
+    assert abs(rows[(1, "simple-average")]["Score"] - rows[(1, "global")]["Score"]) <= 0.5
+
+
+def test_overlap_bench_residual_shrinks_once_edited(tmp_path):
+    rows = bench(tmp_path, "overlap", "edits=12", "repeats=1", "clients=3")["rows"]
+    assert rows[1]["residual_mean"] < 0.5 * rows[0]["residual_mean"]
+    assert rows[1]["flagged_share"] >= rows[0]["flagged_share"]
+
+
+def test_forgetting_bench_first_round_does_not_depend_on_the_covariance_mode(tmp_path):
+    data = bench(tmp_path, "forgetting", "rounds=2", "edits_per_round=8", "clients=2")
+    imm, dyn = data["immutable"], data["dynamic"]
+    # nothing has been merged before round 1, so both modes solve the same system there
+    assert imm[0]["first_round"] == dyn[0]["first_round"]
+    assert [r["round"] for r in imm] == [1, 2]
+    assert set(data["global_all_at_once"]) == {"ES", "PS", "NS", "Score"}
+
+
+def test_conflict_bench_finds_every_conflict_and_only_those(tmp_path):
+    data = bench(tmp_path, "conflict", "plain=12", "pairs=5", "clients=3")
+    assert data["detected_conflicts"] == 5 and data["other_clashes"] == 0
+    assert set(data["rows"]) == {"without", "with", "withdrawn", "resolved"}
