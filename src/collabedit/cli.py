@@ -39,6 +39,7 @@ app.add_typer(requests_app, name="requests")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
 
+
 @app.callback()
 def _quiet_loading() -> None:
     """Our own progress bars are enough; transformers' weight-loading bars would clutter."""
@@ -399,9 +400,17 @@ def client_edit(
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
     format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+    overlap_threshold: Annotated[
+        float,
+        typer.Option(
+            help="Skip requests whose relative residual ||z - z0|| / ||z0|| is below this: the "
+            "model already knows them (0 edits everything)."
+        ),
+    ] = 0.01,
+    json_out: JsonOpt = None,
 ) -> None:
     """Edit private requests locally; write only P = R K^T, S = K K^T and the local delta."""
-    from collabedit.collab.protocol import Client, client_update
+    from collabedit.collab.protocol import Client, check_overlap, client_update
     from collabedit.collab.state import load_state
     from collabedit.models import arch
     from collabedit.models.loading import load_model
@@ -426,7 +435,24 @@ def client_edit(
         for k, s in layer_stats(lm, tok, cfg.layers, cfg.mom2_dataset, cfg.mom2_n_samples).items()
     }
     try:
-        update = client_update(lm, tok, Client(client_id, reqs), cfg, covs, editor, round_no)
+        z = None
+        report = {}
+        if overlap_threshold > 0:
+            check = check_overlap(lm, tok, reqs, cfg, overlap_threshold)
+            report = {
+                "residuals": check.residuals,
+                "skipped_case_ids": [r.case_id for r in check.skipped],
+            }
+            for r in check.skipped:
+                console.print(
+                    f"[yellow]skipped[/yellow] case {r.case_id} ({r.subject!r} -> "
+                    f"{r.target_new!r}): already known, residual "
+                    f"{check.residuals[r.case_id]:.2e} < {overlap_threshold}"
+                )
+            if not check.keep:
+                raise ValueError("every request is already known to the model: nothing to send")
+            reqs, z = check.keep, check.z_keep
+        update = client_update(lm, tok, Client(client_id, reqs), cfg, covs, editor, round_no, z=z)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     update.save(out_file)
@@ -434,6 +460,17 @@ def client_edit(
         f"{client_id}: {len(reqs)} requests -> {out_file} (round {round_no}, layers "
         f"{cfg.layers}, editor {editor})"
     )
+    if json_out:
+        write_json(
+            json_out,
+            {
+                "client_id": client_id,
+                "round": round_no,
+                "edited": len(reqs),
+                "update": str(out_file),
+                **report,
+            },
+        )
 
 
 @server_app.command("merge")
@@ -472,9 +509,7 @@ def server_merge(
     lm, tok = load_model(model)
     cfg = _memit_config(lm, preset_name, hparams, layers)
     beta0 = cfg.mom2_update_weight
-    state, sums = open_state(
-        state_dir, lm, cfg.layers, method, beta0, beta1
-    )
+    state, sums = open_state(state_dir, lm, cfg.layers, method, beta0, beta1)
     covs = {
         k: s.mom2
         for k, s in layer_stats(lm, tok, cfg.layers, cfg.mom2_dataset, cfg.mom2_n_samples).items()

@@ -24,7 +24,7 @@ from collabedit.collab.merge import LayerInputs, merge_layer, solve_from_sums
 from collabedit.collab.update import ClientUpdate
 from collabedit.editors import EDITORS
 from collabedit.editors.memit import MemitConfig, edit
-from collabedit.editors.memit.compute import ZResult
+from collabedit.editors.memit.compute import ZResult, context_templates, optimise_z
 from collabedit.editors.memit.editor import MemitSession
 from collabedit.models import arch
 from collabedit.requests import EditRequest
@@ -71,6 +71,37 @@ def client_update(
         round=round,
         modules={e.layer: e.module for e in result.layers},
         editor=editor,
+    )
+
+
+@dataclass
+class OverlapCheck:
+    """Which requests the model already satisfies (their residual is below the threshold): a
+    client skips them rather than pushing the same fact into the model again."""
+
+    keep: list[EditRequest]
+    skipped: list[EditRequest]
+    residuals: dict[int, float]  # case_id -> ||z - z0|| / ||z0||
+    z_keep: ZResult
+
+
+def check_overlap(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    cfg: MemitConfig,
+    threshold: float,
+) -> OverlapCheck:
+    layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
+    templates = context_templates(model, tokenizer, cfg)
+    z = optimise_z(model, tokenizer, requests, layers[-1], templates, cfg)
+    res = z.relative_residuals.tolist()
+    keep = [i for i, r in enumerate(res) if r >= threshold]
+    return OverlapCheck(
+        keep=[requests[i] for i in keep],
+        skipped=[r for i, r in enumerate(requests) if res[i] < threshold],
+        residuals={r.case_id: res[i] for i, r in enumerate(requests)},
+        z_keep=z.select(keep),
     )
 
 

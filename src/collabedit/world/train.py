@@ -28,6 +28,8 @@ from transformers import (
     GPTNeoForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from collabedit.evaluate.scoring import score_targets
@@ -36,8 +38,8 @@ from collabedit.world.generator import FILLERS, World
 
 class TrainConfig(BaseModel):
     seed: int = 0
-    architecture: Literal["gpt2", "gpt_neo"] = "gpt2"
-    # GPT-Neo only: the first `local_layers` blocks attend within `window_size` tokens (1: each
+    architecture: Literal["gpt2", "gpt_neo", "qwen2"] = "gpt2"
+    # GPT-Neo and Qwen2: the first `local_layers` blocks attend within `window_size` tokens (1: each
     # token only to itself), the rest globally. See the module note for why.
     local_layers: int = Field(4, ge=0)
     window_size: int = Field(1, ge=1)
@@ -67,9 +69,26 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrai
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if cfg.local_layers > cfg.n_layer:
+        raise ValueError(f"local_layers={cfg.local_layers} exceeds n_layer={cfg.n_layer}")
+    if cfg.architecture == "qwen2":
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.n_embd,
+            intermediate_size=cfg.n_inner,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.n_positions,
+            use_sliding_window=cfg.local_layers > 0,
+            sliding_window=cfg.window_size,
+            layer_types=["sliding_attention"] * cfg.local_layers
+            + ["full_attention"] * (cfg.n_layer - cfg.local_layers),
+            tie_word_embeddings=True,
+            **special,
+        )
+        return Qwen2ForCausalLM(config)
     if cfg.architecture == "gpt_neo":
-        if cfg.local_layers > cfg.n_layer:
-            raise ValueError(f"local_layers={cfg.local_layers} exceeds n_layer={cfg.n_layer}")
         types = [["local"], cfg.local_layers], [["global"], cfg.n_layer - cfg.local_layers]
         config = GPTNeoConfig(
             vocab_size=len(tokenizer),
