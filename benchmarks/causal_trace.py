@@ -25,8 +25,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     args = parser.parse_args()
-    b = load_world()
+    b = load_world(args.world)
     rng = random.Random(0)
     facts = []
     for subject in rng.sample(b.world.subjects, args.facts):

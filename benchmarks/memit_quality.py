@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=None, help="mom2_update_weight")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     args = parser.parse_args()
 
     cfg = preset("world")
@@ -41,7 +42,7 @@ def main() -> None:
     rows = []
     for editor in args.editors:
         for n in args.counts:
-            bundle = load_world()  # fresh, unedited model each time
+            bundle = load_world(args.world)  # fresh, unedited model each time
             reqs = world_requests(bundle.world, n, seed=args.seed)
             start = time.perf_counter()
             result = apply_edits(bundle.model, bundle.tokenizer, reqs, editor=editor, config=cfg)

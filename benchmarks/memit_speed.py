@@ -29,18 +29,20 @@ from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import load_world
 
 
-def _peak_edit(n: int) -> dict:
+def _peak_edit(n: int, world: Path | None) -> dict:
     """Run an edit of n requests in a fresh process and read its peak RSS."""
     code = (
-        "import resource, json; from collabedit.world.store import load_world;"
+        "import resource, json, sys; from collabedit.world.store import load_world;"
         "from collabedit.world.edit_requests import world_requests;"
         "from collabedit.editors import apply_edits;"
-        f"b = load_world(); r = world_requests(b.world, {n}, seed=1);"
+        "b = load_world(sys.argv[1] or None);"
+        "r = world_requests(b.world, int(sys.argv[2]), seed=1);"
         "res = apply_edits(b.model, b.tokenizer, r, editor='memit');"
         "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
         " / 1024, 'seconds': res.timings['total']}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    argv = [sys.executable, "-c", code, str(world or ""), str(n)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -50,16 +52,18 @@ def main() -> None:
     parser.add_argument("--peak-n", type=int, default=2000)
     parser.add_argument("--stats-texts", type=int, default=20000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     args = parser.parse_args()
 
-    b = load_world()
+    b = load_world(args.world)
     cfg = preset("world")
     layers = cfg.layers
     reqs = world_requests(b.world, args.n, seed=0)
     templates = context_templates(b.model, b.tokenizer, cfg)
 
     start = time.perf_counter()
-    stats = collect_stats(b.model, b.tokenizer, iter_corpus("world", args.stats_texts), layers)
+    corpus = iter_corpus("world", args.stats_texts, world_dir=b.path)
+    stats = collect_stats(b.model, b.tokenizer, corpus, layers)
     stats_s = time.perf_counter() - start
     tokens = next(iter(stats.values())).count
 
@@ -98,7 +102,7 @@ def main() -> None:
         "this_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.peak_n:
-        result["peak_edit"] = {"n_requests": args.peak_n, **_peak_edit(args.peak_n)}
+        result["peak_edit"] = {"n_requests": args.peak_n, **_peak_edit(args.peak_n, args.world)}
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

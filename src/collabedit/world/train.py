@@ -1,10 +1,23 @@
-"""Our recipe for teaching a small GPT-2 every fact of the world, in every phrasing.
+"""Our recipe for teaching a small language model every fact of the world, in every phrasing.
 
 Sentences ("Talor Venrik was born in Oslo") are packed whole into fixed-length rows; the sentences
 before one in its row act as the unrelated lead-in CounterFact's paraphrases have, and a share of
 items get an explicit filler sentence too. The MLP is made wide relative to the residual stream
 (n_inner = 8 x n_embd) because MEMIT writes facts into the MLP output projection, whose input
 width bounds how many edits a layer can hold.
+
+Why the first layers attend only to their own token. MEMIT assumes that a model recalls a fact
+by enriching the subject's last token in its early MLPs, and that later layers read that token.
+Large pre-trained models do this; a small model trained on short fact sentences does not: our
+first world (a plain GPT-2, 6 x 128) copied the subject's name to the prediction position with
+attention in its first layer and looked the fact up there. Causal tracing found no effect of the
+subject position at any layer (at most 0.034 of p(true) restored) and MEMIT could not move any
+prediction (z loss 20 nats). Sharing first and last names among subjects, so that the identity
+has to be composed, did not change that (trace effect <= 0.005). So the world model is a Qwen2
+whose first `local_layers` blocks use a sliding window of `window_size` = 1 token: in those
+layers no information moves between positions, the only way a fact reaches the prediction is
+through the subject's own position, and MEMIT's premise holds by construction (the causal trace
+of the shipped model is in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,10 +51,10 @@ from collabedit.world.generator import FILLERS, World
 
 class TrainConfig(BaseModel):
     seed: int = 0
-    architecture: Literal["gpt2", "gpt_neo", "qwen2"] = "gpt2"
+    architecture: Literal["gpt2", "gpt_neo", "qwen2"] = "qwen2"
     # GPT-Neo and Qwen2: the first `local_layers` blocks attend within `window_size` tokens (1: each
     # token only to itself), the rest globally. See the module note for why.
-    local_layers: int = Field(4, ge=0)
+    local_layers: int = Field(2, ge=0)
     window_size: int = Field(1, ge=1)
     n_layer: int = Field(6, ge=1)
     n_embd: int = Field(128, ge=8)
