@@ -40,8 +40,11 @@ def main() -> None:
     if args.lam:
         cfg.mom2_update_weight = args.lam
     rows = []
+    n_subjects = len(load_world(args.world).world.subjects)
+    # one request per subject: the largest count the world supports is its number of subjects
+    counts = sorted({min(n, n_subjects) for n in args.counts})
     for editor in args.editors:
-        for n in args.counts:
+        for n in counts:
             bundle = load_world(args.world)  # fresh, unedited model each time
             reqs = world_requests(bundle.world, n, seed=args.seed)
             start = time.perf_counter()

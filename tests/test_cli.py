@@ -100,15 +100,15 @@ def test_memit_edits_take_on_the_world(tmp_path):
 
 def test_stats_then_edit_then_eval(tmp_path, monkeypatch):
     monkeypatch.setenv("COLLABEDIT_CACHE", str(tmp_path / "cache"))
-    result = run("stats", "--model", "world", "--layers", "1,2", "--samples", 3000,
+    result = run("stats", "--model", "world", "--layers", "0,1", "--samples", 3000,
                  "--json", tmp_path / "stats.json")
     assert result.exit_code == 0, result.output
     layers = json.loads((tmp_path / "stats.json").read_text())["layers"]
-    assert set(layers) == {"1", "2"} and layers["1"]["count"] > 3000
+    assert set(layers) == {"0", "1"} and layers["1"]["count"] > 3000
     reqs = tmp_path / "reqs.json"
     assert run("world", "requests", "--n", 20, "--out", reqs, "--seed", 3).exit_code == 0
     hp = tmp_path / "memit.yaml"
-    hp.write_text("layers: [1, 2]\nmom2_n_samples: 3000\n")
+    hp.write_text("layers: [0, 1]\nmom2_n_samples: 3000\n")
     edited = tmp_path / "edited"
     result = run("edit", "--model", "world", "--requests", reqs, "--out", edited,
                  "--hparams", hp)
@@ -137,7 +137,7 @@ def test_edit_rejects_bad_layers_before_writing(tmp_path):
 
 def test_client_edit_then_server_merge_rounds(tmp_path):
     hp = tmp_path / "memit.yaml"
-    hp.write_text("layers: [1, 2]\nmom2_n_samples: 3000\n")
+    hp.write_text("layers: [0, 1]\nmom2_n_samples: 3000\n")
     reqs = tmp_path / "all.jsonl"
     assert run("world", "requests", "--n", 12, "--format", "jsonl", "--out", reqs,
                "--seed", 5).exit_code == 0

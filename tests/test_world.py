@@ -155,3 +155,39 @@ def test_unedited_world_scores_as_unedited(shipped):
         if form == "counterfact":
             assert m["ES"] <= 3 and m["PS"] <= 3 and m["NS"] >= 97
         assert m["EA"] <= 5 and m["PA"] <= 5 and m["NA"] >= 95
+
+
+def test_shipped_world_local_layers_see_only_their_own_token(shipped):
+    """The structural guarantee MEMIT relies on here: up to the last local layer, a position's
+    state does not depend on any other token."""
+    n_local = shipped.build["train"]["local_layers"]
+    assert n_local >= 1
+    tok = shipped.tokenizer
+    a = tok("Snow covered the mountains. The mother tongue of", return_tensors="pt")["input_ids"]
+    b = a.clone()
+    b[0, :3] = tok("It rained all", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    with torch.no_grad():
+        ha = shipped.model(input_ids=a, output_hidden_states=True).hidden_states
+        hb = shipped.model(input_ids=b, output_hidden_states=True).hidden_states
+    for layer in range(n_local):  # hidden_states[layer + 1] is block `layer`'s output
+        assert torch.allclose(ha[layer + 1][0, 3:], hb[layer + 1][0, 3:], atol=1e-6)
+    assert not torch.allclose(ha[n_local + 1][0, -1], hb[n_local + 1][0, -1], atol=1e-6)
+
+
+def test_shipped_world_recalls_facts_through_the_subject_position(shipped):
+    """Causal trace: restoring the subject's last token at the last local layer brings back most
+    of the true object's probability (MEMIT's premise; the first world failed this: 0.034)."""
+    import random
+
+    from collabedit.evaluate.trace import average_trace
+
+    rng = random.Random(5)
+    facts = []
+    for subject in rng.sample(shipped.world.subjects, 20):
+        rel = rng.choice(shipped.world.relations)
+        facts.append((rng.choice(rel.statements), subject, shipped.world.facts[subject][rel.id]))
+    trace = average_trace(shipped.model, shipped.tokenizer, facts, samples=4)
+    last_local = shipped.build["train"]["local_layers"] - 1
+    gap = trace["clean"] - trace["corrupted"]
+    assert gap > 0.5
+    assert trace["hidden"][last_local] >= 0.8 * gap

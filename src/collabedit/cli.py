@@ -593,7 +593,7 @@ def world_build(
     seed: int = 0,
     json_out: JsonOpt = None,
 ) -> None:
-    """Generate a world and train its GPT-2 until it recalls the facts (seeded, reproducible)."""
+    """Generate a world and train its model until it recalls the facts (seeded, resumable)."""
     from collabedit.world.generator import WorldSpec
     from collabedit.world.store import build_world, checkpoint_path
     from collabedit.world.train import TrainConfig

@@ -47,12 +47,18 @@ PRESETS: dict[str, MemitConfig] = {
         mom2_dataset="wikipedia:20220301.en",
         v_num_grad_steps=25,
     ),
+    # The world model's facts pass through the subject's position in its two local layers (0-1),
+    # so those are edited and z is read at layer 1. Its residual stream is large relative to the
+    # change an edit needs: at MEMIT's lr 0.5 z moved 0.2 x ||h|| in 25 steps and stayed 9.6 nats
+    # from the target; lr 5 with 50 steps reaches it for most requests (docs/benchmarks.md).
     "world": MemitConfig(
-        layers=[1, 2],
+        layers=[0, 1],
         mom2_update_weight=15000.0,
         mom2_dataset="world",
         mom2_n_samples=100_000,
-        v_num_grad_steps=25,
+        v_num_grad_steps=50,
+        v_lr=5.0,
+        clamp_norm_factor=4.0,
     ),
 }
 
