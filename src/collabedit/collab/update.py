@@ -3,6 +3,12 @@
 Per edited layer: P_i = R_i K_i^T and S_i = K_i K_i^T (what CollabEdit needs) and/or the client's
 local delta Delta_i (what the baselines need). The metadata names the base model by fingerprint;
 loading validates everything, so a bad update is rejected whole before anything is merged.
+
+Instead of P and S a layer may carry the factors F = K Q and G = R Q (collab/transport.py), which
+are smaller when the client has fewer edits than d_in; loading then fills P = G F^T and S = F F^T,
+so everything downstream reads P and S whichever form was sent. Files with factors are written as
+format version 2, so an older reader refuses them by version instead of reporting a missing P;
+files without factors are still version 1, byte for byte as before.
 """
 
 from __future__ import annotations
@@ -13,16 +19,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from collabedit.collab.transport import check_factors, factorise, should_factorise
 from collabedit.linalg import NotSymmetricError, check_symmetric
 
 FORMAT = "collabedit-client-update"
-FORMAT_VERSION = 1
-_KINDS = ("P", "S", "delta")
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = ("1", "2")
+_KINDS = ("P", "S", "delta", "F", "G")
 
 
 class UpdateError(ValueError):
@@ -34,6 +43,21 @@ class LayerUpdate:
     P: torch.Tensor | None = None
     S: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    F: torch.Tensor | None = None  # d_in x n; when set, F and G are what is saved, not P and S
+    G: torch.Tensor | None = None  # d_out x n
+
+    @property
+    def is_factor(self) -> bool:
+        return self.F is not None or self.G is not None
+
+    def p_and_s(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, S) from whichever form this layer carries, in float64."""
+        if self.P is not None and self.S is not None:
+            return self.P.double(), self.S.double()
+        if self.F is not None and self.G is not None:
+            F = self.F.double()
+            return self.G.double() @ F.T, F @ F.T
+        raise ValueError("layer carries neither P and S nor F and G")
 
 
 @dataclass
@@ -58,9 +82,20 @@ class ClientUpdate:
         client_id: str,
         round: int,
         deltas: dict[int, torch.Tensor] | None = None,
+        form: Literal["full", "factor", "auto"] = "full",
+        generator: torch.Generator | None = None,
         **kw,
     ) -> ClientUpdate:
-        """keys[layer] is (n, d_in), residuals[layer] is (n, d_out), as an editor returns them."""
+        """keys[layer] is (n, d_in), residuals[layer] is (n, d_out), as an editor returns them.
+
+        form "factor" sends F and G instead of P and S, "auto" does so for the layers where that
+        is smaller. `generator` draws the mixing matrices Q; by default a freshly seeded one, so
+        Q is not predictable from anything the server knows."""
+        if form not in ("full", "factor", "auto"):
+            raise ValueError(f"unknown form {form!r}; known: full, factor, auto")
+        if generator is None and form != "full":
+            generator = torch.Generator()
+            generator.seed()
         layers = {}
         n = None
         for layer, K in keys.items():
@@ -69,24 +104,32 @@ class ClientUpdate:
                 raise ValueError(f"layer {layer}: {K.shape[0]} keys but {R.shape[0]} residuals")
             n = K.shape[0]
             K64, R64 = K.double(), R.double()
-            layers[layer] = LayerUpdate(
-                P=R64.T @ K64,
-                S=K64.T @ K64,
-                delta=None if deltas is None else deltas[layer].double(),
+            delta = None if deltas is None else deltas[layer].double()
+            factor = form == "factor" or (
+                form == "auto" and n > 0 and should_factorise(K.shape[1], R.shape[1], n)
             )
+            if factor:
+                F, G = factorise(K64.T, R64.T, generator)
+                layers[layer] = LayerUpdate(delta=delta, F=F, G=G)
+            else:
+                layers[layer] = LayerUpdate(P=R64.T @ K64, S=K64.T @ K64, delta=delta)
         return cls(base_fingerprint, client_id, round, n or 0, layers, **kw)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         tensors = {}
         for layer, lu in self.layers.items():
-            for kind in _KINDS:
+            # a loaded factor layer also holds the P and S derived from it; sending those too
+            # would defeat the point and make the file a mix that loading refuses
+            kinds = ("F", "G", "delta") if lu.is_factor else ("P", "S", "delta")
+            for kind in kinds:
                 t = getattr(lu, kind)
                 if t is not None:
                     tensors[f"layer.{layer}.{kind}"] = t.contiguous()
+        any_factor = any(lu.is_factor for lu in self.layers.values())
         meta = {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(FORMAT_VERSION if any_factor else 1),
             "base_fingerprint": self.base_fingerprint,
             "client_id": self.client_id,
             "round": str(self.round),
@@ -132,8 +175,11 @@ def load_update(
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise fail("not a collabedit client update")
-            if meta.get("format_version") != str(FORMAT_VERSION):
-                raise fail(f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+            if meta.get("format_version") not in _READABLE_VERSIONS:
+                raise fail(
+                    f"format version {meta.get('format_version')} is not one of "
+                    f"{', '.join(_READABLE_VERSIONS)}"
+                )
             names = set(f.keys())
             layers_list = json.loads(meta["layers"])
             layers = {}
@@ -170,6 +216,21 @@ def load_update(
                 raise fail(f"layer {layer} {kind}: dtype {t.dtype} (float32/float64 expected)")
             if not torch.isfinite(t).all():
                 raise fail(f"layer {layer} {kind}: non-finite values")
+        if lu.is_factor:
+            if lu.P is not None or lu.S is not None:
+                raise fail(f"layer {layer}: mixes P/S with F/G (send one form per layer)")
+            if lu.F is None or lu.G is None:
+                missing = "G" if lu.G is None else "F"
+                raise fail(f"layer {layer}: missing {missing} (F and G are sent together)")
+            try:
+                check_factors(lu.F, lu.G)
+            except ValueError as exc:
+                raise fail(f"layer {layer}: {exc}") from None
+            lu.P, lu.S = lu.p_and_s()
+            # finite factors can still overflow in the products
+            for kind in ("P", "S"):
+                if not torch.isfinite(getattr(lu, kind)).all():
+                    raise fail(f"layer {layer} {kind} (from F, G): non-finite values")
         if lu.S is not None:
             try:
                 check_symmetric(lu.S.double(), "S", rtol=symmetry_rtol)
@@ -187,6 +248,13 @@ def load_update(
             raise fail(f"layers {sorted(layers)}, the server edits {sorted(expect.shapes)}")
         for layer, (d_out, d_in) in expect.shapes.items():
             lu = layers[layer]
+            # F and G first, so a wrong factor is named rather than the P or S derived from it
+            for kind, rows in (("F", d_in), ("G", d_out)):
+                t = getattr(lu, kind)
+                if t is not None and t.shape[0] != rows:
+                    raise fail(
+                        f"layer {layer} {kind}: shape {tuple(t.shape)}, expected {rows} rows"
+                    )
             want = {"P": (d_out, d_in), "S": (d_in, d_in), "delta": (d_out, d_in)}
             for kind in expect.needs:
                 t = getattr(lu, kind)
