@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,9 +48,11 @@ def client_update(
     editor: str = "memit-frozen",
     round: int = 0,
     z: ZResult | None = None,
+    form: Literal["full", "factor", "auto"] = "full",
 ) -> ClientUpdate:
-    """A client's one-shot contribution: P_i, S_i per layer and its local delta Delta_i (for the
-    baselines). The model is left exactly as it was."""
+    """A client's one-shot contribution: P_i, S_i per layer (or their factors F_i, G_i with
+    `form`, see collab/transport.py) and its local delta Delta_i (for the baselines). The model
+    is left exactly as it was."""
     layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
     base_fp = arch.fingerprint(model, layers)
     result = edit(
@@ -71,6 +74,7 @@ def client_update(
         round=round,
         modules={e.layer: e.module for e in result.layers},
         editor=editor,
+        form=form,
     )
 
 

@@ -1,0 +1,193 @@
+"""`collabedit federate simulate`: a whole federation on Flower's simulation engine (Ray), in one
+command, checked against the same merge done in process.
+
+N clients each get M requests of the world (one private JSONL file and one state folder each),
+the ServerApp and ClientApps run under `flwr.simulation.run_simulation`, and afterwards the
+federated global model is compared with `client_update` + `merge_updates` run here on the same
+requests with the same configuration ("max_rel_diff_vs_inprocess").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from collabedit.federation.config import ServerSettings, quiet_flower_env
+from collabedit.federation.engine import memit_setup
+
+Log = Callable[[str], None]
+
+
+def write_client_files(
+    model: str, n_clients: int, edits_per_client: int, work: Path, seed: int = 0
+) -> tuple[dict[int, dict], list]:
+    """Private request files of the world's requests, split evenly; node configs per partition."""
+    from collabedit.bench.lab import split_evenly
+    from collabedit.models.loading import resolve_model_path
+    from collabedit.world.edit_requests import world_requests
+    from collabedit.world.store import load_world
+
+    world = load_world(resolve_model_path(model)).world
+    requests = world_requests(world, n_clients * edits_per_client, seed=seed, form="counterfact")
+    node_configs = {}
+    for i, idx in enumerate(split_evenly(len(requests), n_clients)):
+        path = work / "clients" / f"client-{i}" / "requests.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(requests[j].model_dump_json() + "\n" for j in idx))
+        node_configs[i] = {
+            "requests": str(path),
+            "state": str(path.parent / "state"),
+            "client-id": f"client-{i}",
+        }
+    return node_configs, requests
+
+
+def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -> dict:
+    """Global edited-layer weights after one CollabEdit round of these clients, in process."""
+    from collabedit.collab.protocol import Client, apply_deltas, client_update, merge_updates
+    from collabedit.editors.memit.editor import restore
+    from collabedit.models import arch
+
+    lm, tok, cfg, covs, base = memit_setup(
+        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
+    )
+    restore(lm, base)
+    updates = [
+        client_update(
+            lm,
+            tok,
+            Client(f"client-{i}", reqs),
+            cfg,
+            covs,
+            settings.editor,
+            0,
+            form=settings.transport,
+        )
+        for i, reqs in enumerate(client_requests)
+    ]
+    weighted = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
+    deltas = merge_updates(updates, weighted, settings.method)
+    apply_deltas(lm, deltas)
+    out = {layer: arch.read_weight(lm, layer) for layer in cfg.layers}
+    restore(lm, base)
+    return out
+
+
+def rel_diff(fed: dict, ref: dict, base: dict) -> float:
+    """max over layers ||(W_fed - W0) - (W_ref - W0)|| / ||W_ref - W0||."""
+    out = 0.0
+    for layer, w in ref.items():
+        d_ref = w.double() - base[layer].double()
+        d_fed = fed[layer].double() - base[layer].double()
+        out = max(out, float((d_fed - d_ref).norm() / d_ref.norm()))
+    return out
+
+
+def simulate(
+    n_clients: int,
+    edits_per_client: int,
+    work: Path,
+    settings: ServerSettings | None = None,
+    seed: int = 0,
+    evaluate: bool = True,
+    node_overrides: dict[int, dict] | None = None,
+    compare: bool = True,
+    log: Log = print,
+) -> dict:
+    quiet_flower_env()
+    from safetensors.torch import load_file
+
+    from collabedit.editors.memit.editor import restore
+    from collabedit.federation.client_app import make_client_app
+    from collabedit.federation.server_app import make_server_app
+
+    start = time.perf_counter()
+    work = Path(work)
+    settings = settings or ServerSettings()
+    settings = settings.model_copy(
+        update={
+            "state_dir": str(work / "server"),
+            "min_clients": min(settings.min_clients, n_clients),
+        }
+    )
+    node_configs, requests = write_client_files(
+        settings.model, n_clients, edits_per_client, work, seed
+    )
+    for i, extra in (node_overrides or {}).items():
+        node_configs[i] |= extra
+    log(f"[simulate] {n_clients} clients x {edits_per_client} requests; statistics")
+    lm, tok, cfg, covs, base = memit_setup(  # warms the statistics cache for the clients too
+        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
+    )
+    from flwr.simulation import run_simulation
+
+    log("[simulate] running the federation on Flower's simulation engine")
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=make_server_app(settings),
+        client_app=make_client_app(node_configs),
+        num_supernodes=n_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "log_to_driver": False},
+        },
+    )
+    federation_seconds = time.perf_counter() - t0
+    summary = json.loads((work / "server" / "summary.json").read_text())
+    final_round = summary["round"]
+    fed = {}
+    if final_round > 0:
+        saved = load_file(str(work / "server" / "global" / f"round-{final_round}.safetensors"))
+        fed = {layer: saved[f"layer.{layer}.weight"] for layer in cfg.layers}
+    result: dict = {
+        "status": summary["status"],
+        "rounds": summary["reports"],
+        "ledger": summary["ledger"],
+    }
+    one_round = final_round == 1 and len(summary["ledger"]) == n_clients
+    if compare and one_round:
+        split = [
+            [requests[j] for j in range(len(requests)) if j in idx]
+            for idx in _split(len(requests), n_clients)
+        ]
+        ref = inprocess_reference(settings, split)
+        result["max_rel_diff_vs_inprocess"] = rel_diff(fed, ref, base)
+    else:
+        result["max_rel_diff_vs_inprocess"] = None
+    if evaluate and fed:
+        from collabedit.bench.lab import CF_KEYS
+        from collabedit.evaluate.metrics import evaluate_requests
+        from collabedit.models import arch
+
+        restore(lm, base)
+        m0 = evaluate_requests(lm, tok, requests)
+        for layer, w in fed.items():
+            arch.write_weight(lm, layer, w)
+        m1 = evaluate_requests(lm, tok, requests)
+        restore(lm, base)
+        result["methods"] = {
+            "unedited": {k: m0[k] for k in CF_KEYS},
+            "federated-collabedit": {k: m1[k] for k in CF_KEYS},
+        }
+    round_seconds = [r["seconds"] for r in summary["reports"]]
+    result["config"] = {
+        "clients": n_clients,
+        "edits_per_client": edits_per_client,
+        "seed": seed,
+        "layers": list(cfg.layers),
+        "lambda": cfg.mom2_update_weight,
+        "mom2_n_samples": cfg.mom2_n_samples,
+        "settings": settings.to_run_config(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "federation_seconds": round(federation_seconds, 1),
+        "round_seconds": round_seconds,
+    }
+    return result
+
+
+def _split(n: int, parts: int):
+    from collabedit.bench.lab import split_evenly
+
+    return [set(r) for r in split_evenly(n, parts)]

@@ -1,0 +1,190 @@
+"""Federation rounds without Flower's processes: the engine the Flower apps run, with faults.
+
+Clients and server talk through `ServerEngine` / `ClientWorker` exactly as the apps do (the apps
+only move these objects in Flower records); the network is replaced by direct calls, so the
+fault cases are deterministic and fast. The Flower runs are in test_federation_flower.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")  # the `flower` extra is part of `dev`; CI installs it
+
+from collabedit.collab.update import load_update  # noqa: E402
+from collabedit.federation.config import ClientSettings, ServerSettings  # noqa: E402
+from collabedit.federation.engine import (  # noqa: E402
+    ClientWorker,
+    Reply,
+    ServerEngine,
+    corrupt,
+    memit_setup,
+)
+from collabedit.federation.simulation import (  # noqa: E402
+    inprocess_reference,
+    rel_diff,
+    write_client_files,
+)
+
+# The shipped world unless a developer points the tests at another world folder.
+MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world")
+SAMPLES = 1000  # texts for C: small and the same on both sides of every comparison
+
+
+def settings(tmp: Path, **kw) -> ServerSettings:
+    base = dict(model=MODEL, mom2_samples=SAMPLES, state_dir=str(tmp / "server"), min_clients=1)
+    return ServerSettings(**(base | kw))
+
+
+def clients(tmp: Path, n=3, m=4, extra=None):
+    extra = extra or {}
+    node_configs, requests = write_client_files(MODEL, n, m, tmp, seed=1)
+    return [
+        ClientWorker(ClientSettings.from_node_config(node_configs[i] | extra.get(i, {})))
+        for i in range(n)
+    ], requests
+
+
+def exchange(engine: ServerEngine, workers, absent=(), forge=None):
+    """One round: broadcast, each present worker answers as client_app.handle_plain does."""
+    b = engine.broadcast()
+    replies = []
+    for node, w in enumerate(workers):
+        cid = w.settings.client_id
+        if node in absent:
+            replies.append(Reply(node, "missing", detail="no reply"))
+            continue
+        try:
+            kind, update, info = w.handle(b)
+        except Exception as exc:  # noqa: BLE001 - as the ClientApp does
+            replies.append(Reply(node, "error", client_id=cid, detail=type(exc).__name__))
+            continue
+        if kind == "idle":
+            replies.append(Reply(node, "idle", client_id=cid))
+            continue
+        blob, sha = w.update_bytes(update, b.round)
+        w.record_submission(b.round, info["case_ids"], sha)
+        replies.append(Reply(node, "update", blob, cid))
+    extra = forge(workers) if forge else []
+    return engine.finish_round(replies + extra), replies
+
+
+def assert_ledger_exact(engine: ServerEngine, workers, requests_per_client: int) -> None:
+    """Every client merged exactly once with all its requests; its state agrees (after it saw
+    the ledger, as it does with the next broadcast)."""
+    ledger = engine.state.ledger
+    for w in workers:
+        w.reconcile(engine.broadcast().ledger, engine.state.round)
+        entries = [e for e in ledger if e.client_id == w.settings.client_id]
+        assert len(entries) == 1, (w.settings.client_id, ledger)
+        assert entries[0].n_edits == requests_per_client
+        st = json.loads(w.state_path.read_text())
+        assert st["submitted"] is None
+        mine = [
+            json.loads(x)["case_id"] for x in Path(w.settings.requests).read_text().splitlines()
+        ]
+        assert sorted(st["done"]) == sorted(str(c) for c in mine)
+        assert st["done"] == {str(c): entries[0].round for c in mine}
+
+
+def test_abort_policy_merges_nothing_then_the_retry_equals_inprocess(tmp_path):
+    workers, requests = clients(tmp_path, extra={1: {"test-fail-rounds": "0"}})
+    engine = ServerEngine(settings(tmp_path, fault_policy="abort", min_clients=3))
+    w0 = engine.weights()
+    report, _ = exchange(engine, workers)
+    assert report.status == "aborted" and "client-1" in report.failed
+    assert engine.state.round == 0 and not engine.state.ledger
+    assert not (tmp_path / "server" / "server_state.safetensors").exists()
+    assert all(torch.equal(w0[k], v) for k, v in engine.weights().items())  # nothing merged
+    workers[1].settings.test_fail_rounds = ""
+    report, replies = exchange(engine, workers)  # the retried round
+    assert report.status == "merged", report
+    assert sorted(report.merged) == ["client-0", "client-1", "client-2"]
+    assert_ledger_exact(engine, workers, 4)
+    fed = engine.weights()
+    ref = inprocess_reference(engine.settings, [requests[0:4], requests[4:8], requests[8:12]])
+    _, _, _, _, base = memit_setup(MODEL, None, "", SAMPLES)
+    assert any(not torch.equal(fed[k], base[k]) for k in fed)  # the round changed the model
+    assert rel_diff(fed, ref, base) < 1e-6
+    # what the server received holds no request text
+    blob = b"".join(r.blob for r in replies if r.blob)
+    for r in requests:
+        for text in (r.subject, r.target_new, r.target_true, r.prompt.format(r.subject)):
+            assert text.encode() not in blob
+
+
+def test_quorum_bad_updates_missing_client_and_server_restart(tmp_path):
+    workers, requests = clients(tmp_path, extra={1: {"test-bad-update": "nan"}})
+    s = settings(tmp_path, fault_policy="quorum", min_clients=1, transport="full")
+    engine = ServerEngine(s)
+
+    # round 0: client 0 good, client 1 sends NaN, client 2 is gone; plus updates forged from
+    # client 0's genuine one: wrong fingerprint, wrong shape, S not symmetric
+    def forge(workers):
+        out = []
+        genuine = Path(workers[0].settings.state) / "outbox" / "round-0.safetensors"
+        for i, bad in enumerate(("fingerprint", "shape", "asymmetric")):
+            u = load_update(genuine)
+            u.client_id = f"mallory-{bad}"
+            corrupt(u, bad)
+            path = tmp_path / f"forged-{bad}.safetensors"
+            u.save(path)
+            out.append(Reply(100 + i, "update", path.read_bytes(), u.client_id))
+        return out
+
+    report, _ = exchange(engine, workers, absent={2}, forge=forge)
+    assert report.status == "merged", report
+    assert report.merged == ["client-0"]
+    reasons = " | ".join(report.rejected.values())
+    assert len(report.rejected) == 4, reasons
+    for needle in ("non-finite", "base model", "shape", "not symmetric"):
+        assert needle in reasons, (needle, reasons)
+    assert "node-2" in report.failed  # a silent node is known by its node id only
+    assert engine.state.round == 1
+    # the server process dies; a new one resumes from the state folder
+    fingerprint = engine.state.base_fingerprint
+    del engine
+    engine = ServerEngine(s)
+    assert engine.state.round == 1 and engine.state.base_fingerprint == fingerprint
+    # round 1: client 1 fixed its update, client 2 is back; client 0 has nothing pending
+    workers[1].settings.test_bad_update = ""
+    report, _ = exchange(engine, workers)
+    assert report.status == "merged", report
+    assert sorted(report.merged) == ["client-1", "client-2"]
+    assert report.idle == ["client-0"]
+    # round 2: nothing pending anywhere
+    report, _ = exchange(engine, workers)
+    assert report.status == "idle"
+    assert engine.state.round == 2
+    assert_ledger_exact(engine, workers, 4)
+    assert [e.round for e in engine.state.ledger] == [0, 1, 1]
+
+
+def test_quorum_not_reached_and_interrupted_merge_reruns(tmp_path, monkeypatch):
+    workers, _ = clients(tmp_path, n=2, m=2)
+    s = settings(tmp_path, fault_policy="quorum", min_clients=2)
+    engine = ServerEngine(s)
+    report, _ = exchange(engine, workers, absent={1})
+    assert report.status == "aborted" and "quorum" in report.reason
+    assert engine.state.round == 0
+    # the server dies after writing the next global layers but before its state: the state
+    # still says round 0, so the round runs again and nothing is merged twice
+    from collabedit.collab import state as state_mod
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(state_mod, "save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        exchange(engine, workers)
+    monkeypatch.undo()
+    engine = ServerEngine(s)
+    assert engine.state.round == 0 and not engine.state.ledger
+    report, _ = exchange(engine, workers)
+    assert report.status == "merged" and sorted(report.merged) == ["client-0", "client-1"]
+    assert_ledger_exact(engine, workers, 2)
