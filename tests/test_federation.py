@@ -188,3 +188,35 @@ def test_quorum_not_reached_and_interrupted_merge_reruns(tmp_path, monkeypatch):
     report, _ = exchange(engine, workers)
     assert report.status == "merged" and sorted(report.merged) == ["client-0", "client-1"]
     assert_ledger_exact(engine, workers, 2)
+
+
+def test_federate_init_writes_an_app_flower_accepts(tmp_path):
+    from flwr.cli.config_utils import load_and_validate
+    from typer.testing import CliRunner
+
+    from collabedit.federation.cli import federate_app
+
+    out = CliRunner().invoke(
+        federate_app, ["init", str(tmp_path / "app"), "--min-clients", "3", "--transport", "factor"]
+    )
+    assert out.exit_code == 0, out.output
+    config, warnings = load_and_validate(tmp_path / "app" / "pyproject.toml", check_module=True)
+    assert warnings == []
+    flwr_app = config["tool"]["flwr"]["app"]
+    assert flwr_app["components"]["serverapp"] == "collabedit.federation.server_app:app"
+    settings = ServerSettings.from_run_config(flwr_app["config"])
+    assert settings.min_clients == 3 and settings.transport == "factor"
+    again = CliRunner().invoke(federate_app, ["init", str(tmp_path / "app")])
+    assert again.exit_code == 2  # never overwrites silently
+
+
+def test_core_package_does_not_import_flower():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, collabedit.cli, collabedit.collab.server, collabedit.federation.engine\n"
+        "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')]\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

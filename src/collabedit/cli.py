@@ -38,6 +38,8 @@ app.add_typer(world_app, name="world")
 app.add_typer(requests_app, name="requests")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
+from collabedit.federation.cli import federate_app  # noqa: E402, I001  (imports no Flower)
+app.add_typer(federate_app, name="federate")
 
 
 @app.callback()

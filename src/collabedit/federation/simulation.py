@@ -45,7 +45,8 @@ def write_client_files(
 
 
 def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -> dict:
-    """Global edited-layer weights after one CollabEdit round of these clients, in process."""
+    """Global edited-layer weights after one round of these clients, in process (full P and S,
+    whatever transport the federation uses)."""
     from collabedit.collab.protocol import Client, apply_deltas, client_update, merge_updates
     from collabedit.editors.memit.editor import restore
     from collabedit.models import arch
@@ -55,16 +56,7 @@ def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -
     )
     restore(lm, base)
     updates = [
-        client_update(
-            lm,
-            tok,
-            Client(f"client-{i}", reqs),
-            cfg,
-            covs,
-            settings.editor,
-            0,
-            form=settings.transport,
-        )
+        client_update(lm, tok, Client(f"client-{i}", reqs), cfg, covs, settings.editor, 0)
         for i, reqs in enumerate(client_requests)
     ]
     weighted = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
