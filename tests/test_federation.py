@@ -220,3 +220,34 @@ def test_core_package_does_not_import_flower():
         "assert not bad, bad[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_secagg_client_fails_loudly_instead_of_clipping(tmp_path):
+    import numpy as np
+
+    from collabedit.federation.secagg import _SecAggClient, quantization_range
+
+    workers, _ = clients(tmp_path, n=1, m=2)
+    engine = ServerEngine(settings(tmp_path))
+    b = engine.broadcast()
+    layers = sorted(b.weights)
+    config = {
+        "round": b.round,
+        "base-fingerprint": b.base_fingerprint,
+        "ledger": json.dumps(b.ledger),
+        "settings": json.dumps(b.settings),
+        "layers": json.dumps(layers),
+        "bound-p": 1e-3,
+        "bound-s": 1e-3,
+    }
+    params = [b.weights[k].double().numpy() for k in layers]
+    client = _SecAggClient(workers[0].settings)
+    with pytest.raises(ValueError, match="exceeds the public bound"):
+        client.fit(params, config)
+    # bounds above the largest value: every number lies in SecAgg+'s clipping range [-1, 1]
+    out, weight, metrics = client.fit(params, config | {"bound-p": 1e9, "bound-s": 1e9})
+    assert weight == 1 and metrics["n-edits"] == 2 and metrics["client-id"] == "client-0"
+    assert all(np.abs(a).max() <= 1 for a in out) and any(np.abs(a).max() > 0 for a in out)
+    # the modular sum of n quantised values never wraps around 2^32
+    for n in (2, 3, 10, 1000):
+        assert n * quantization_range(n) < 2**32 and quantization_range(n) < 2**31

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("flwr")  # the `flower` extra is part of `dev`; CI installs it
 
 from collabedit.federation.config import FLOWER_ENV, ServerSettings  # noqa: E402
-from collabedit.federation.engine import memit_setup  # noqa: E402
+from collabedit.federation.engine import ledger_members, memit_setup  # noqa: E402
 from collabedit.federation.scaffold import write_app  # noqa: E402
 from collabedit.federation.simulation import (  # noqa: E402
     inprocess_reference,
@@ -60,6 +60,41 @@ def test_simulation_factor_transport_equals_inprocess(tmp_path):
     for path in incoming:
         lu = next(iter(load_update(path).layers.values()))
         assert lu.F is not None and lu.G is not None and lu.F.shape[1] == 3
+
+
+def test_secure_aggregation_server_learns_only_the_sums(tmp_path):
+    s = ServerSettings(model=MODEL, mom2_samples=SAMPLES, secure_aggregation=True, min_clients=3)
+    result = simulate(3, 3, tmp_path, s, seed=4, evaluate=False)
+    assert result["status"] == "done"
+    (entry,) = result["ledger"]
+    assert ledger_members(entry["client_id"]) == ["client-0", "client-1", "client-2"]
+    assert entry["n_edits"] == 9
+    (report,) = result["rounds"]
+    assert report["status"] == "merged" and report["info"]["secagg_clients"] == 3
+    err = result["secagg_sum_rel_error"]
+    assert err["clients"] == 3 and err["P"] < 1e-6 and err["S"] < 1e-6, err
+    # the server holds the sums only, never one client's update
+    incoming = tmp_path / "server" / "incoming" / "round-0"
+    assert [p.name for p in incoming.iterdir()] == ["secagg-sum.safetensors"]
+    # and the global model is the CollabEdit merge of exactly those sums
+    from safetensors.torch import load_file
+
+    from collabedit.collab.protocol import merge_updates
+    from collabedit.collab.update import load_update
+
+    _, _, cfg, covs, base = memit_setup(MODEL, None, "", SAMPLES)
+    lam_c = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
+    deltas = merge_updates([load_update(incoming / "secagg-sum.safetensors")], lam_c)
+    saved = load_file(str(tmp_path / "server" / "global" / "round-1.safetensors"))
+    fed = {layer: saved[f"layer.{layer}.weight"] for layer in deltas}
+    expect = {layer: base[layer] + d.to(base[layer].dtype) for layer, d in deltas.items()}
+    assert rel_diff(fed, expect, base) < 1e-6
+    # every client knows its requests were merged (ledger membership, no hash needed)
+    for i in range(3):
+        st = json.loads(
+            (tmp_path / "clients" / f"client-{i}" / "state" / "client_state.json").read_text()
+        )
+        assert st["submitted"]["round"] == 0  # reconciled at the next broadcast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,12 +196,16 @@ def test_loopback_deployment_three_supernodes(tmp_path):
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
-    env = os.environ | FLOWER_ENV | {
-        "FLWR_HOME": str(flwr_home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = (
+        os.environ
+        | FLOWER_ENV
+        | {
+            "FLWR_HOME": str(flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
@@ -175,27 +214,47 @@ def test_loopback_deployment_three_supernodes(tmp_path):
     def start(name: str, *args: str) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
-            cwd=tmp_path, start_new_session=True,
+            [str(BIN / args[0]), *args[1:]],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
         )
         procs.append(p)
         return p
 
     try:
-        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
-              "--port", str(link_port))
+        start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+        )
         wait_for(lambda: port_open(link_port), 60, "the SuperLink", procs)
         for i, port in enumerate(node_ports):
             nc = node_configs[i]
             start(
-                f"supernode-{i}", "flower-supernode", "--insecure",
-                "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
+                f"supernode-{i}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--port",
+                str(port),
                 "--node-config",
                 f'requests="{nc["requests"]}" state="{nc["state"]}" client-id="{nc["client-id"]}"',
             )
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(app), "loopback", "--format", "json"],
-            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
         )
         assert run.returncode == 0, run.stdout + run.stderr
         started = json.loads(run.stdout)
@@ -211,14 +270,20 @@ def test_loopback_deployment_three_supernodes(tmp_path):
         except AssertionError as exc:
             log = subprocess.run(
                 [str(BIN / "flwr"), "log", str(run_id), "loopback", "--show"],
-                env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
             )
             raise AssertionError(f"{exc}\n{log.stdout[-6000:]}\n{log.stderr[-2000:]}") from None
         result = json.loads(summary.read_text())
         assert result["status"] == "done", result
         assert [r["status"] for r in result["reports"]] == ["merged"]
         assert sorted(e["client_id"] for e in result["ledger"]) == [
-            "client-0", "client-1", "client-2"
+            "client-0",
+            "client-1",
+            "client-2",
         ]
         # federated == in-process, same requests and configuration
         from safetensors.torch import load_file

@@ -80,6 +80,23 @@ def make_client_app(node_configs: dict[int, dict] | None = None) -> ClientApp:
                 codec.reply_content("error", cid, error=type(exc).__name__), reply_to=msg
             )
 
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        """SecAgg+ with automatic bounds: this client's largest |P| and |S| entry."""
+        settings, round = None, None
+        try:
+            settings = settings_for(context)
+            round = int(msg.content.config_records[codec.ROUND]["round"])
+            from collabedit.federation.secagg import handle_bounds_query
+
+            return handle_bounds_query(msg, settings)
+        except Exception as exc:  # noqa: BLE001
+            _local_error_log(settings, round)
+            cid = settings.client_id if settings is not None else f"node-{context.node_id}"
+            return Message(
+                codec.reply_content("error", cid, error=type(exc).__name__), reply_to=msg
+            )
+
     return client
 
 

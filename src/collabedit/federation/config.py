@@ -45,8 +45,12 @@ class ServerSettings(BaseModel):
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
     max_retries: int = Field(2, ge=0, description="retries of a round that did not merge")
     secure_aggregation: bool = False
-    secagg_bound_p: float = Field(1e3, gt=0, description="public bound on |P| entries (SecAgg+)")
-    secagg_bound_s: float = Field(1e4, gt=0, description="public bound on |S| entries (SecAgg+)")
+    secagg_bound_p: float = Field(
+        0.0, ge=0, description="public bound on |P| entries for SecAgg+ (0 = ask the clients)"
+    )
+    secagg_bound_s: float = Field(
+        0.0, ge=0, description="public bound on |S| entries for SecAgg+ (0 = ask the clients)"
+    )
     transport: Literal["full", "factor"] = "full"
     fault_policy: Literal["abort", "quorum"] = "abort"
     beta1: float = Field(1.0, ge=0, description="weight of earlier rounds' S in C_t")

@@ -78,6 +78,7 @@ class RoundReport:
     reason: str = ""
     seconds: float = 0.0
     bytes_received: int = 0
+    info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

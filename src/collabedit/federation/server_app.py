@@ -72,7 +72,9 @@ def plain_round(grid: Grid, engine: ServerEngine, attempt: int = 0) -> RoundRepo
     return engine.finish_round(replies, started)
 
 
-def run_server(grid: Grid, settings: ServerSettings) -> ServerEngine:
+def run_server(
+    grid: Grid, settings: ServerSettings, context: Context | None = None
+) -> ServerEngine:
     """All rounds of one Flower run; resumes from settings.state_dir."""
     engine = ServerEngine(settings)
     wait_for_nodes(grid, settings.min_clients, settings.connect_timeout)
@@ -84,7 +86,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> ServerEngine:
         if settings.secure_aggregation:
             from collabedit.federation.secagg import secagg_round
 
-            report = secagg_round(grid, engine, attempt)
+            report = secagg_round(grid, engine, attempt, context)
         else:
             report = plain_round(grid, engine, attempt)
         attempt += 1
@@ -116,7 +118,7 @@ def make_server_app(settings: ServerSettings | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, settings or ServerSettings.from_run_config(context.run_config))
+        run_server(grid, settings or ServerSettings.from_run_config(context.run_config), context)
 
     return server
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from collabedit.federation.config import ServerSettings, quiet_flower_env
-from collabedit.federation.engine import memit_setup
+from collabedit.federation.engine import ledger_members, memit_setup
 
 Log = Callable[[str], None]
 
@@ -138,7 +138,10 @@ def simulate(
         "rounds": summary["reports"],
         "ledger": summary["ledger"],
     }
-    one_round = final_round == 1 and len(summary["ledger"]) == n_clients
+    merged_round0 = [
+        c for e in summary["ledger"] if e["round"] == 0 for c in ledger_members(e["client_id"])
+    ]
+    one_round = final_round == 1 and len(merged_round0) == n_clients
     if compare and one_round:
         split = [
             [requests[j] for j in range(len(requests)) if j in idx]
@@ -148,6 +151,8 @@ def simulate(
         result["max_rel_diff_vs_inprocess"] = rel_diff(fed, ref, base)
     else:
         result["max_rel_diff_vs_inprocess"] = None
+    if settings.secure_aggregation and final_round > 0:
+        result["secagg_sum_rel_error"] = secagg_sum_error(work, node_configs)
     if evaluate and fed:
         from collabedit.bench.lab import CF_KEYS
         from collabedit.evaluate.metrics import evaluate_requests
@@ -177,6 +182,27 @@ def simulate(
         "round_seconds": round_seconds,
     }
     return result
+
+
+def secagg_sum_error(work: Path, node_configs: dict[int, dict]) -> dict:
+    """max over layers of ||sum received - true sum|| / ||true sum|| for P and S in round 0: the
+    server's securely aggregated sums against the clients' own updates (which only a simulation
+    can see together)."""
+    from collabedit.collab.update import load_update
+
+    agg = load_update(work / "server" / "incoming" / "round-0" / "secagg-sum.safetensors")
+    mine = [
+        load_update(Path(nc["state"]) / "outbox" / "round-0-secagg.safetensors")
+        for nc in node_configs.values()
+        if (Path(nc["state"]) / "outbox" / "round-0-secagg.safetensors").is_file()
+    ]
+    out = {"P": 0.0, "S": 0.0, "clients": len(mine)}
+    for layer, lu in agg.layers.items():
+        for kind in ("P", "S"):
+            true = sum(getattr(u.layers[layer], kind).double() for u in mine)
+            err = float((getattr(lu, kind).double() - true).norm() / true.norm())
+            out[kind] = max(out[kind], err)
+    return out
 
 
 def _split(n: int, parts: int):
