@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")  # the `flower` extra is part of `dev`; CI installs it
 
-from collabedit.federation.config import FLOWER_ENV, ServerSettings  # noqa: E402
+from collabedit.federation.config import ServerSettings  # noqa: E402
 from collabedit.federation.engine import ledger_members, memit_setup  # noqa: E402
+from collabedit.federation.loopback import LoopbackDeployment, pids_mentioning  # noqa: E402
 from collabedit.federation.scaffold import write_app  # noqa: E402
 from collabedit.federation.simulation import (  # noqa: E402
     inprocess_reference,
@@ -32,7 +28,6 @@ from collabedit.federation.simulation import (  # noqa: E402
 
 MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world")
 SAMPLES = 1000
-BIN = Path(sys.executable).parent
 
 
 def request_strings(requests) -> set[str]:
@@ -101,76 +96,6 @@ def test_secure_aggregation_server_learns_only_the_sums(tmp_path):
 # deployment
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def pids_mentioning(needles: list[str]) -> list[int]:
-    """Processes whose command line names one of our ports or folders (Flower starts some of
-    its helpers detached, in their own sessions)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(n in cmd for n in needles):
-            out.append(int(proc.name))
-    return out
-
-
-def stop(procs: list[subprocess.Popen], needles: list[str]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
-    for _ in range(3):  # leftovers, e.g. SuperExec or a ClientApp still running
-        left = pids_mentioning(needles)
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    assert not pids_mentioning(needles), "processes left behind"
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_for(predicate, timeout: float, what: str, procs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{p.args[0]} exited with {p.returncode} while waiting")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.mark.slow
 def test_loopback_deployment_three_supernodes(tmp_path):
     # warm the statistics cache (the same COLLABEDIT_CACHE reaches every process we start)
@@ -189,95 +114,11 @@ def test_loopback_deployment_three_supernodes(tmp_path):
             state_dir=str(state),
         ),
     )
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    link_port, *node_ports = free_ports(4)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
-    env = (
-        os.environ
-        | FLOWER_ENV
-        | {
-            "FLWR_HOME": str(flwr_home),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
-    needles = [f"127.0.0.1:{p}" for p in (link_port, *node_ports)] + [str(tmp_path)]
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-        procs.append(p)
-        return p
-
+    deployment = LoopbackDeployment(tmp_path, node_configs)
     try:
-        start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(link_port),
-        )
-        wait_for(lambda: port_open(link_port), 60, "the SuperLink", procs)
-        for i, port in enumerate(node_ports):
-            nc = node_configs[i]
-            start(
-                f"supernode-{i}",
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link_port}",
-                "--port",
-                str(port),
-                "--node-config",
-                f'requests="{nc["requests"]}" state="{nc["state"]}" client-id="{nc["client-id"]}"',
-            )
-        run = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "loopback", "--format", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        started = json.loads(run.stdout)
-        assert started["success"], started
-        summary = state / "summary.json"
-
-        def finished() -> bool:
-            return summary.is_file() and json.loads(summary.read_text())["status"] != "running"
-
-        run_id = started["run-id"]
-        try:
-            wait_for(finished, 300, "the federation to finish", procs)
-        except AssertionError as exc:
-            log = subprocess.run(
-                [str(BIN / "flwr"), "log", str(run_id), "loopback", "--show"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=tmp_path,
-            )
-            raise AssertionError(f"{exc}\n{log.stdout[-6000:]}\n{log.stderr[-2000:]}") from None
-        result = json.loads(summary.read_text())
+        deployment.__enter__()
+        run_id = deployment.run(app)
+        result = deployment.wait_summary(state / "summary.json", 300, run_id)
         assert result["status"] == "done", result
         assert [r["status"] for r in result["reports"]] == ["merged"]
         assert sorted(e["client_id"] for e in result["ledger"]) == [
@@ -297,11 +138,12 @@ def test_loopback_deployment_three_supernodes(tmp_path):
         # no request text reached the server: not in what it received (statuses, update files),
         # not in its state folder, not in the SuperLink's output
         received = b"".join(p.read_bytes() for p in state.rglob("*") if p.is_file())
-        received += (logs / "superlink.log").read_bytes()
+        received += (deployment.logs / "superlink.log").read_bytes()
         assert (state / "received").is_dir() and list((state / "received").iterdir())
         for text in request_strings(requests):
             assert text.encode() not in received, text
         # ... while each client's private file does hold them (the check can fail)
         assert requests[0].subject.encode() in Path(node_configs[0]["requests"]).read_bytes()
     finally:
-        stop(procs, needles)
+        deployment.stop()  # by PID, then any helper naming our ports or folder
+    assert not pids_mentioning(deployment.needles)
