@@ -23,17 +23,14 @@ from collabedit.federation.engine import (  # noqa: E402
     Reply,
     ServerEngine,
     corrupt,
-    memit_setup,
 )
 from collabedit.federation.simulation import (  # noqa: E402
-    inprocess_reference,
-    rel_diff,
     write_client_files,
 )
 
 # The shipped world unless a developer points the tests at another world folder.
 MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world")
-SAMPLES = 1000  # texts for C: small and the same on both sides of every comparison
+SAMPLES = 500  # texts for C: small and the same on both sides of every comparison
 
 
 def settings(tmp: Path, **kw) -> ServerSettings:
@@ -92,8 +89,8 @@ def assert_ledger_exact(engine: ServerEngine, workers, requests_per_client: int)
         assert st["done"] == {str(c): entries[0].round for c in mine}
 
 
-def test_abort_policy_merges_nothing_then_the_retry_equals_inprocess(tmp_path):
-    workers, requests = clients(tmp_path, extra={1: {"test-fail-rounds": "0"}})
+def test_abort_policy_merges_nothing_then_the_retry_merges_everyone(tmp_path):
+    workers, requests = clients(tmp_path, m=2, extra={1: {"test-fail-rounds": "0"}})
     engine = ServerEngine(settings(tmp_path, fault_policy="abort", min_clients=3))
     w0 = engine.weights()
     report, _ = exchange(engine, workers)
@@ -105,21 +102,19 @@ def test_abort_policy_merges_nothing_then_the_retry_equals_inprocess(tmp_path):
     report, replies = exchange(engine, workers)  # the retried round
     assert report.status == "merged", report
     assert sorted(report.merged) == ["client-0", "client-1", "client-2"]
-    assert_ledger_exact(engine, workers, 4)
-    fed = engine.weights()
-    ref = inprocess_reference(engine.settings, [requests[0:4], requests[4:8], requests[8:12]])
-    _, _, _, _, base = memit_setup(MODEL, None, "", SAMPLES)
-    assert any(not torch.equal(fed[k], base[k]) for k in fed)  # the round changed the model
-    assert rel_diff(fed, ref, base) < 1e-6
+    assert_ledger_exact(engine, workers, 2)
+    assert any(not torch.equal(w0[k], v) for k, v in engine.weights().items())
+    # (federated == in-process is checked through Flower in test_federation_flower.py)
     # what the server received holds no request text
     blob = b"".join(r.blob for r in replies if r.blob)
+    assert len(blob) > 0
     for r in requests:
         for text in (r.subject, r.target_new, r.target_true, r.prompt.format(r.subject)):
             assert text.encode() not in blob
 
 
 def test_quorum_bad_updates_missing_client_and_server_restart(tmp_path):
-    workers, requests = clients(tmp_path, extra={1: {"test-bad-update": "nan"}})
+    workers, requests = clients(tmp_path, m=2, extra={1: {"test-bad-update": "nan"}})
     s = settings(tmp_path, fault_policy="quorum", min_clients=1, transport="full")
     engine = ServerEngine(s)
 
@@ -161,12 +156,12 @@ def test_quorum_bad_updates_missing_client_and_server_restart(tmp_path):
     report, _ = exchange(engine, workers)
     assert report.status == "idle"
     assert engine.state.round == 2
-    assert_ledger_exact(engine, workers, 4)
+    assert_ledger_exact(engine, workers, 2)
     assert [e.round for e in engine.state.ledger] == [0, 1, 1]
 
 
 def test_quorum_not_reached_and_interrupted_merge_reruns(tmp_path, monkeypatch):
-    workers, _ = clients(tmp_path, n=2, m=2)
+    workers, _ = clients(tmp_path, n=2, m=1)
     s = settings(tmp_path, fault_policy="quorum", min_clients=2)
     engine = ServerEngine(s)
     report, _ = exchange(engine, workers, absent={1})
@@ -187,7 +182,7 @@ def test_quorum_not_reached_and_interrupted_merge_reruns(tmp_path, monkeypatch):
     assert engine.state.round == 0 and not engine.state.ledger
     report, _ = exchange(engine, workers)
     assert report.status == "merged" and sorted(report.merged) == ["client-0", "client-1"]
-    assert_ledger_exact(engine, workers, 2)
+    assert_ledger_exact(engine, workers, 1)
 
 
 def test_federate_init_writes_an_app_flower_accepts(tmp_path):

@@ -222,7 +222,11 @@ class ServerEngine:
         started = started if started is not None else time.perf_counter()
         r = self.state.round
         report = RoundReport(round=r, status="aborted")
-        updates = [x for x in replies if x.kind == "update"]
+        # merged in client-id order, whatever order the network delivered them in: the same
+        # inputs give the same bits (float sums depend on their order)
+        updates = sorted(
+            (x for x in replies if x.kind == "update"), key=lambda x: (x.client_id, x.node_id)
+        )
         report.bytes_received = sum(len(x.blob or b"") for x in updates)
         report.idle = [x.client_id or f"node-{x.node_id}" for x in replies if x.kind == "idle"]
         report.failed = {
@@ -235,8 +239,12 @@ class ServerEngine:
             report.reason = f"policy abort: {len(report.failed)} client(s) failed; nothing merged"
         elif not updates and not report.failed:
             report.status, report.reason = "idle", "no client has pending requests"
-        elif policy == "quorum" and len(updates) < quorum:
-            report.reason = f"quorum not reached: {len(updates)} update(s) < min-clients {quorum}"
+        elif policy == "quorum" and len(updates) + len(report.idle) < quorum:
+            # clients with nothing pending count: in later rounds only a few have work left
+            answered = len(updates) + len(report.idle)
+            report.reason = (
+                f"quorum not reached: {answered} client(s) answered < min-clients {quorum}"
+            )
         elif not updates:
             report.reason = "no update received"
         else:

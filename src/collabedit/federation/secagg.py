@@ -213,7 +213,9 @@ def secagg_round(
         p = torch.from_numpy(np.asarray(mean[2 * i], dtype=np.float64)) * (n * bounds[0])
         sq = torch.from_numpy(np.asarray(mean[2 * i + 1], dtype=np.float64)) * (n * bounds[1])
         sum_p[layer], sum_s[layer] = p, (sq + sq.T) / 2
-    report.bytes_received = 0
+    # what arrived: one masked int64 vector per client, as many values as P and S (+1 weight)
+    values = sum(x.size for x in mean) + 1
+    report.bytes_received = n * values * 8
     engine.merge_sums(sum_p, sum_s, members, report)
     report.info = {"secagg_bounds": list(bounds), "secagg_clients": n}
     return _done(engine, report, started)

@@ -44,21 +44,33 @@ def write_client_files(
     return node_configs, requests
 
 
-def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -> dict:
-    """Global edited-layer weights after one round of these clients, in process (full P and S,
-    whatever transport the federation uses)."""
-    from collabedit.collab.protocol import Client, apply_deltas, client_update, merge_updates
+def inprocess_updates(settings: ServerSettings, client_requests: list[list]) -> list:
+    """The clients' full-form updates (P, S) of round 0, computed in this process."""
+    from collabedit.collab.protocol import Client, client_update
     from collabedit.editors.memit.editor import restore
-    from collabedit.models import arch
 
     lm, tok, cfg, covs, base = memit_setup(
         settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
     )
     restore(lm, base)
-    updates = [
+    return [
         client_update(lm, tok, Client(f"client-{i}", reqs), cfg, covs, settings.editor, 0)
         for i, reqs in enumerate(client_requests)
     ]
+
+
+def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -> dict:
+    """Global edited-layer weights after one round of these clients, in process (full P and S,
+    whatever transport the federation uses; clients in the order given, as the server merges
+    them in client-id order)."""
+    from collabedit.collab.protocol import apply_deltas, merge_updates
+    from collabedit.editors.memit.editor import restore
+    from collabedit.models import arch
+
+    lm, _, cfg, covs, base = memit_setup(
+        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
+    )
+    updates = inprocess_updates(settings, client_requests)
     weighted = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
     deltas = merge_updates(updates, weighted, settings.method)
     apply_deltas(lm, deltas)
