@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("flwr")  # the `flower` extra is part of `dev`; CI installs it
-
-from collabedit.collab.update import load_update  # noqa: E402
-from collabedit.federation.config import ClientSettings, ServerSettings  # noqa: E402
-from collabedit.federation.engine import (  # noqa: E402
+from collabedit.collab.update import load_update
+from collabedit.federation.config import ClientSettings, ServerSettings
+from collabedit.federation.engine import (
     ClientWorker,
     Reply,
     ServerEngine,
     corrupt,
 )
-from collabedit.federation.simulation import (  # noqa: E402
+from collabedit.federation.simulation import (
     write_client_files,
 )
 

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("flwr")  # the `flower` extra is part of `dev`; CI installs it
-
-from collabedit.federation.config import ServerSettings  # noqa: E402
-from collabedit.federation.engine import ledger_members, memit_setup  # noqa: E402
-from collabedit.federation.loopback import LoopbackDeployment, pids_mentioning  # noqa: E402
-from collabedit.federation.scaffold import write_app  # noqa: E402
-from collabedit.federation.simulation import (  # noqa: E402
+from collabedit.federation.config import ServerSettings
+from collabedit.federation.engine import ledger_members, memit_setup
+from collabedit.federation.loopback import LoopbackDeployment, pids_mentioning
+from collabedit.federation.scaffold import write_app
+from collabedit.federation.simulation import (
     inprocess_reference,
     inprocess_updates,
     rel_diff,
@@ -96,7 +94,7 @@ def test_simulation_factor_transport_quorum_with_a_failing_client(tmp_path):
             assert float((sent - true).norm() / true.norm()) < 1e-10
     # the merged delta agrees too; rounding differences of F F^T vs K K^T are amplified by the
     # conditioning of lambda C + S (large on the world's edited layer), hence the looser bound
-    assert rel_diff(fed, inprocess_reference(s, reqs), base) < 1e-4
+    assert rel_diff(fed, inprocess_reference(s, reqs, ref_updates), base) < 1e-4
     # the failing client's error message stayed on its machine
     log = (tmp_path / "clients" / "client-1" / "state" / "errors.log").read_text()
     assert "injected failure in round 0" in log

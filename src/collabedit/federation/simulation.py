@@ -59,7 +59,9 @@ def inprocess_updates(settings: ServerSettings, client_requests: list[list]) -> 
     ]
 
 
-def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -> dict:
+def inprocess_reference(
+    settings: ServerSettings, client_requests: list[list], updates: list | None = None
+) -> dict:
     """Global edited-layer weights after one round of these clients, in process (full P and S,
     whatever transport the federation uses; clients in the order given, as the server merges
     them in client-id order)."""
@@ -70,7 +72,8 @@ def inprocess_reference(settings: ServerSettings, client_requests: list[list]) -
     lm, _, cfg, covs, base = memit_setup(
         settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
     )
-    updates = inprocess_updates(settings, client_requests)
+    if updates is None:
+        updates = inprocess_updates(settings, client_requests)
     weighted = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
     deltas = merge_updates(updates, weighted, settings.method)
     apply_deltas(lm, deltas)
