@@ -47,9 +47,10 @@ def test_clients_bench_collabedit_tracks_global_for_any_split(tmp_path):
 
 
 def test_overlap_bench_residual_shrinks_once_edited(tmp_path):
-    rows = bench(tmp_path, "overlap", "edits=12", "repeats=1", "clients=3")["rows"]
-    assert rows[1]["residual_mean"] < 0.5 * rows[0]["residual_mean"]
-    assert rows[1]["flagged_share"] >= rows[0]["flagged_share"]
+    rows = bench(tmp_path, "overlap", "edits=12", "repeats=2", "clients=3")["rows"]
+    means = [r["residual_mean"] for r in rows]
+    assert means[2] < means[1] < means[0]
+    assert rows[1]["ES"] > rows[0]["ES"] + 50  # the merged edits took
 
 
 def test_forgetting_bench_first_round_does_not_depend_on_the_covariance_mode(tmp_path):

@@ -376,7 +376,6 @@ def test_presets_and_easyedit_yaml(tmp_path):
     assert cfg.mom2_dataset.startswith("wikipedia")
 
 
-@pytest.mark.xfail(strict=True, reason="world model not yet MEMIT-editable (issue 3)")
 def test_residual_shrinks_when_the_edit_is_already_made():
     """Overlap signal (the paper's Figure 3): re-editing a made edit needs a smaller residual."""
     from collabedit.world.edit_requests import world_requests

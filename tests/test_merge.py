@@ -67,3 +67,29 @@ def test_methods_name_what_they_miss():
                                               weighted_cov=torch.eye(2)))
     with pytest.raises(ValueError, match="unknown merge method"):
         merge_layer("average", LayerInputs())
+
+
+@settings(max_examples=15, deadline=None)
+@given(clients=st.integers(1, 6), rank=st.integers(2, 20), seed=st.integers(0, 2**16))
+def test_singular_covariance_merge_is_still_exact_and_stays_in_the_keys_span(clients, rank, seed):
+    """Keys that take few distinct values (the world's local layers) leave lambda*C + K K^T
+    singular: the update must not fill the null space with amplified rounding noise, and the
+    clients' sums must still give the global update."""
+    gen = torch.Generator().manual_seed(seed)
+    d_in, d_out = 32, 6
+    basis = torch.linalg.qr(torch.randn(d_in, rank, generator=gen, dtype=torch.float64))[0]
+    corpus = basis @ torch.randn(rank, 4 * rank, generator=gen, dtype=torch.float64)
+    C = corpus @ corpus.T / corpus.shape[1]  # rank `rank` < d_in
+    Ks = [basis @ torch.randn(rank, 3, generator=gen, dtype=torch.float64)
+          for _ in range(clients)]
+    Rs = [torch.randn(d_out, 3, generator=gen, dtype=torch.float64) for _ in Ks]
+    K, R = torch.cat(Ks, 1), torch.cat(Rs, 1)
+    glob = memit_update(K, R, C, 10.0)
+    null = torch.eye(d_in, dtype=torch.float64) - basis @ basis.T  # projector off the span
+    assert (glob @ null).norm() < 1e-8 * glob.norm()  # nothing outside the keys' span
+    A = 10.0 * C + K @ K.T
+    assert ((glob @ A - R @ K.T).norm() / (R @ K.T).norm()) < 1e-8  # normal equations
+    P = [r @ k.T for k, r in zip(Ks, Rs, strict=True)]
+    S = [k @ k.T for k in Ks]
+    merged = merge_layer("collabedit", LayerInputs(P=P, S=S, weighted_cov=10.0 * C))
+    assert (merged - glob).norm() / glob.norm() < 1e-6

@@ -21,6 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from collabedit.federation.cli import federate_app  # imports no Flower until a command runs
+
 app = typer.Typer(
     help="Collaborative, non-destructive knowledge editing (CollabEdit) on MEMIT-style editors.",
     no_args_is_help=True,
@@ -38,7 +40,6 @@ app.add_typer(world_app, name="world")
 app.add_typer(requests_app, name="requests")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
-from collabedit.federation.cli import federate_app  # noqa: E402, I001  (imports no Flower)
 app.add_typer(federate_app, name="federate")
 
 
@@ -562,13 +563,11 @@ def world_info(
         "n_facts": b.world.n_facts(),
         "phrasings_per_relation": {r.id: len(r.phrasings) for r in b.world.relations},
         "vocab_size": len(b.tokenizer),
-        "architecture": {
-            "model_type": cfg.model_type,
-            "n_layer": cfg.n_layer,
-            "n_embd": cfg.n_embd,
-            "n_inner": cfg.n_inner,
-            "n_head": cfg.n_head,
-            "n_positions": cfg.n_positions,
+        "architecture": {"model_type": cfg.model_type}
+        | {
+            k: v
+            for k, v in b.build.get("train", {}).items()
+            if k in ("local_layers", "window_size", "n_layer", "n_embd", "n_inner", "n_head")
         },
         "n_parameters": sum(p.numel() for p in b.model.parameters()),
         "recall": b.build.get("recall"),

@@ -1,7 +1,8 @@
 """The closed-form least-squares update, as plain float64 tensor math (no model code).
 
 One edited layer: Delta = P A^-1 with P = R K^T (d_out x d_in) and A = lambda C + K K^T
-(d_in x d_in, symmetric positive definite). A is factorised with Cholesky, never inverted.
+(d_in x d_in, symmetric positive definite). A is factorised with Cholesky, never inverted; a
+numerically singular A is solved on the subspace it determines (see solve_update).
 """
 
 from __future__ import annotations
@@ -28,8 +29,22 @@ def check_symmetric(t: torch.Tensor, name: str, rtol: float = 1e-8) -> None:
         raise NotSymmetricError(f"{name} is not symmetric (relative asymmetry {asym:.2e})")
 
 
+# Eigenvalues below this share of the largest are numerically zero: A's noise floor in float64
+# is ~1e-16 x d_in x the largest, and the merge identities must hold to 1e-6 after division.
+PINV_RTOL = 1e-8
+
+
 def solve_update(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Delta = P A^-1 for symmetric positive definite A, in float64."""
+    """Delta = P A^-1 for symmetric positive (semi-)definite A, in float64.
+
+    Cholesky when A is well conditioned. A key direction that the corpus excites little or not at
+    all (dead MLP units; a model whose keys take few distinct values, as the world's local layers
+    do) makes lambda*C + K K^T singular or nearly so. There P A^-1 is dominated by rounding noise
+    divided by tiny eigenvalues, so the sums of several parties and one party's own sum give
+    unrelated results. Such an A is solved on the subspace it determines (eigenvalues above
+    PINV_RTOL of the largest), the minimum-norm solution: the limit of P (A + eps I)^-1 as
+    eps -> 0 for every P whose rows lie in A's range, as P = R K^T always does.
+    """
     P64, A64 = P.double(), A.double()
     if P64.shape[1] != A64.shape[0]:
         raise ValueError(f"P is {tuple(P.shape)} but A is {tuple(A.shape)}")
@@ -37,20 +52,18 @@ def solve_update(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     check_finite(A64, "A")
     check_symmetric(A64, "A")
     factor, info = torch.linalg.cholesky_ex(A64)
-    # A key direction no corpus text ever excites (a dead MLP unit, a tiny corpus) leaves
-    # lambda*C + K K^T singular. The smallest diagonal jitter that makes it factorisable
-    # changes nothing the data determine; a matrix that still fails is a real error.
-    scale = float(A64.diagonal().abs().mean())
-    for eps in (1e-12, 1e-10, 1e-8):
-        if info == 0 or not torch.isfinite(torch.tensor(scale)) or scale <= 0:
-            break
-        factor, info = torch.linalg.cholesky_ex(
-            A64 + eps * scale * torch.eye(A64.shape[0], dtype=A64.dtype)
-        )
-    if info != 0:
-        raise ValueError("A = lambda*C + K K^T is not positive definite (is lambda*C singular?)")
-    # A X = P^T  =>  X = A^-1 P^T  =>  Delta = X^T (A symmetric)
-    return torch.cholesky_solve(P64.T.contiguous(), factor).T
+    if info == 0:
+        pivots = factor.diagonal() ** 2
+        if pivots.min() > PINV_RTOL * pivots.max():
+            # A X = P^T  =>  X = A^-1 P^T  =>  Delta = X^T (A symmetric)
+            return torch.cholesky_solve(P64.T.contiguous(), factor).T
+    w, V = torch.linalg.eigh(A64)
+    top = float(w.abs().max())
+    if top == 0 or float(w.min()) < -PINV_RTOL * top:
+        raise ValueError("A = lambda*C + K K^T is not positive definite")
+    keep = w > PINV_RTOL * top
+    Vk = V[:, keep]
+    return ((P64 @ Vk) / w[keep]) @ Vk.T
 
 
 def memit_update(

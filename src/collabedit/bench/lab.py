@@ -74,10 +74,23 @@ class Lab:
     def tok(self):
         return self.bundle.tokenizer
 
-    def weighted_covs(self, extra_s: dict[int, torch.Tensor] | None = None, beta1: float = 0.0):
+    def covariances(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """E[k k^T] of any layers (cached on disk like the lab's own)."""
+        missing = [layer for layer in layers if layer not in self.covs]
+        cfg = self.cfg
+        stats = layer_stats(self.model, self.tok, missing, cfg.mom2_dataset, cfg.mom2_n_samples)
+        return {layer: self.covs[layer] if layer in self.covs else stats[layer].mom2
+                for layer in layers}
+
+    def weighted_covs(
+        self,
+        extra_s: dict[int, torch.Tensor] | None = None,
+        beta1: float = 0.0,
+        covs: dict[int, torch.Tensor] | None = None,
+    ):
         """lambda C_0 (+ beta1 * sum of earlier rounds' S: the dynamic covariance)."""
         out = {}
-        for layer, c in self.covs.items():
+        for layer, c in (covs or self.covs).items():
             w = self.cfg.mom2_update_weight * c.double()
             if extra_s and layer in extra_s and beta1:
                 w = w + beta1 * extra_s[layer].double()

@@ -29,9 +29,16 @@ METHOD_ROWS = ("unedited", "global", *MERGE_METHODS)
 
 def _fidelity(lab: Lab, requests, z_all, n_clients: int, log: Log) -> dict:
     """Merge fidelity of each editor/protocol pair, measured on a float64 copy of the model so
-    that it shows the method's error, not float32 rounding."""
-    log("[fidelity] frozen, one-shot and layer-sync against Global-Edit (float64)")
-    m64, tok, cfg, covs = copy.deepcopy(lab.model).double(), lab.tok, lab.cfg, lab.covs
+    that it shows the method's error, not float32 rounding.
+
+    The pairs differ only when several layers are edited; a one-layer config is measured on the
+    layer below it too (z stays at the same, last, layer, so the same target vectors serve)."""
+    m64, tok, cfg = copy.deepcopy(lab.model).double(), lab.tok, lab.cfg
+    layers = lab.layers if len(lab.layers) > 1 else [max(lab.layers[0] - 1, 0), *lab.layers]
+    layers = sorted(set(layers))
+    log(f"[fidelity] frozen, one-shot and layer-sync against Global-Edit, layers {layers}")
+    cfg = cfg.model_copy(update={"layers": layers})
+    covs = lab.covariances(layers)
     parts = split_evenly(len(requests), n_clients)
     clients = [Client(f"client-{i}", [requests[j] for j in idx]) for i, idx in enumerate(parts)]
     zs = [z_all.select(idx) for idx in parts]
@@ -45,7 +52,7 @@ def _fidelity(lab: Lab, requests, z_all, n_clients: int, log: Log) -> dict:
             client_update(m64, tok, c, cfg, covs, editor, z=z)
             for c, z in zip(clients, zs, strict=True)
         ]
-        merged = merge_updates(updates, lab.weighted_covs(), "collabedit")
+        merged = merge_updates(updates, lab.weighted_covs(covs=covs), "collabedit")
         fid["frozen" if editor == "memit-frozen" else "one-shot"] = relative_gap(merged, reference)
     fid["layer-sync"] = relative_gap(layer_sync_round(m64, tok, clients, cfg, covs, zs), reference)
     log("[fidelity] " + ", ".join(f"{k} {v:.2e}" for k, v in fid.items()))

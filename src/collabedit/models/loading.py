@@ -11,6 +11,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 WORLD_ALIAS = "world"
@@ -24,6 +25,17 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
 
         return str(DEFAULT_WORLD_DIR)
     return str(name_or_path)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, except for a world: its word-level tokenizer.json must be read as it is,
+    and AutoTokenizer would pick the architecture's own class (Qwen2's byte-level pre-tokenizer
+    turns every world word into no tokens at all)."""
+    from collabedit.world.store import is_world_dir
+
+    if is_world_dir(Path(path)):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_model(
@@ -42,7 +54,7 @@ def load_model(
     )
     model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         # GPT-2 style tokenizers have no pad token; scoring pads on the right and masks it.
         tokenizer.pad_token = tokenizer.eos_token

@@ -3,8 +3,8 @@
 Batching z: every request has its own delta vector, its loss depends on its own rows only, and
 Adam is element-wise, so optimising all deltas at once on the SUM of the per-request losses gives
 the same deltas as one request at a time. Early stopping is kept per request (a stopped request's
-delta is frozen), exactly as the reference loop stops. One forward/backward per step serves all
-requests instead of one per request per step.
+delta is frozen and its rows leave the batch), exactly as the reference loop stops. One
+forward/backward per step serves all requests instead of one per request per step.
 """
 
 from __future__ import annotations
@@ -173,6 +173,24 @@ def _z_rows(
     return rows
 
 
+def _subset(rows: _ZRows, keep: torch.Tensor) -> _ZRows:
+    """The rows of the requests flagged in `keep`, shortest first so that chunks of similar
+    lengths waste little padding (owners stay indices into all requests)."""
+    out = _ZRows()
+    firsts = set(rows.first_row)
+    kept = [g for g, owner in enumerate(rows.owner) if keep[owner]]
+    for g in sorted(kept, key=lambda g: len(rows.ids[g])):
+        owner = rows.owner[g]
+        if g in firsts:
+            out.first_row.append(len(out.ids))
+        out.ids.append(rows.ids[g])
+        out.lookup.append(rows.lookup[g])
+        out.owner.append(owner)
+        out.kl.append(rows.kl[g])
+        out.targets.append(rows.targets[g])
+    return out
+
+
 @dataclass
 class ZResult:
     z: torch.Tensor  # (n, d) target block outputs, float64
@@ -196,11 +214,28 @@ def _compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
 
 
+def _chunk_bounds(
+    lengths: Sequence[int], max_rows: int, slack: float = 1.25, min_rows: int = 256
+) -> list[range]:
+    """Consecutive row ranges (rows sorted by length) of at most `max_rows` rows; a range of
+    `min_rows` or more also ends where the next row is `slack` times longer than its first.
+    Small batches stay whole: a forward pass has a fixed cost that padding does not."""
+    bounds, start = [], 0
+    for g in range(1, len(lengths) + 1):
+        if (
+            g == len(lengths)
+            or g - start >= max_rows
+            or (g - start >= min_rows and lengths[g] > slack * max(lengths[start], 1))
+        ):
+            bounds.append(range(start, g))
+            start = g
+    return bounds
+
+
 def _chunk(
-    rows: _ZRows, start: int, size: int, n_rewrite: torch.Tensor, pad: int, device: torch.device
+    rows: _ZRows, start: int, end: int, n_rewrite: torch.Tensor, pad: int, device: torch.device
 ) -> dict:
     """Precomputed index tensors for one forward chunk of z rows."""
-    end = min(start + size, len(rows.ids))
     ids, mask = pad_batch(rows.ids[start:end], pad)
     t_row, t_pos, t_tok, t_w, t_owner, kl_row, kl_pos, kl_owner = ([] for _ in range(8))
     first_local, first_owner = [], []
@@ -265,10 +300,12 @@ def optimise_z(
     for owner, is_kl in zip(rows.owner, rows.kl, strict=True):
         if not is_kl:
             n_rewrite[owner] += 1
-    chunks = [
-        _chunk(rows, start, cfg.batch_rows, n_rewrite, pad, device)
-        for start in range(0, len(rows.ids), cfg.batch_rows)
-    ]
+
+    def make_chunks(keep: torch.Tensor) -> list[dict]:
+        sub = _subset(rows, keep)
+        bounds = _chunk_bounds([len(ids) for ids in sub.ids], cfg.batch_rows)
+        return [_chunk(sub, b.start, b.stop, n_rewrite, pad, device) for b in bounds]
+
     dtype = _compute_dtype(next(model.parameters()).dtype)
     delta = torch.zeros(n, d, device=device, dtype=dtype, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -276,20 +313,25 @@ def optimise_z(
     active = torch.ones(n, dtype=torch.bool)
     steps = torch.zeros(n, dtype=torch.long)
     final = torch.zeros(n, dtype=torch.float64)
+    kl_init: torch.Tensor | None = None  # (n, vocab) log-probabilities on the KL prompt
+    chunks, chunk_active = make_chunks(active), active.clone()
     head = model.get_output_embeddings()
     grad_flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         for it in range(cfg.v_num_grad_steps):
+            if not torch.equal(active, chunk_active):
+                # stopped requests' deltas are frozen: their rows need no forward pass any more
+                chunks, chunk_active = make_chunks(active), active.clone()
             losses = torch.zeros(n, dtype=torch.float64)
             weight = active.to(device, dtype)
             for ch in chunks:
                 captured = {}
 
-                def shift(h, ch=ch, captured=captured):
+                def shift(h, ch=ch, captured=captured, first=it == 0):
                     rows_, look = ch["rows"], ch["lookup"]
-                    if "z0" not in ch:
+                    if first:
                         captured["h"] = h[ch["first_local"], look[ch["first_local"]]].detach()
                     h = h.clone()
                     h[rows_, look] = h[rows_, look] + delta[ch["owner"]]
@@ -302,7 +344,6 @@ def optimise_z(
                         input_ids=ch["ids"], attention_mask=ch["mask"]
                     ).last_hidden_state
                 if "h" in captured:
-                    ch["z0"] = True
                     z_init[ch["first_owner"].cpu()] = captured["h"].double().cpu()
                 # NLL of the target tokens, each row weighted 1/(tokens * rows of its request)
                 tl = torch.log_softmax(head(hidden[ch["t_row"], ch["t_pos"]]).to(dtype), dim=-1)
@@ -314,10 +355,13 @@ def optimise_z(
                     cur = torch.log_softmax(
                         head(hidden[ch["kl_row"], ch["kl_pos"]]).to(dtype), dim=-1
                     )
-                    if "kl_init" not in ch:
-                        ch["kl_init"] = cur.detach()
+                    if kl_init is None:
+                        kl_init = torch.zeros(n, cur.shape[-1], device=device, dtype=dtype)
+                    if it == 0:
+                        kl_init[ch["kl_owner"]] = cur.detach()
                     # MEMIT's kl_div(init, current, log_target=True) is KL(current || init)
-                    kl = (cur.exp() * (cur - ch["kl_init"])).sum(-1) * cfg.kl_factor
+                    init = kl_init[ch["kl_owner"]]
+                    kl = (cur.exp() * (cur - init)).sum(-1) * cfg.kl_factor
                     req_loss = req_loss.index_add(0, ch["kl_owner"], kl)
                 # stopped requests contribute nothing: their deltas are frozen
                 (req_loss * weight).sum().backward()
