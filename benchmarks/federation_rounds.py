@@ -51,7 +51,7 @@ def condition_number(settings: ServerSettings, state: Path) -> float:
 def run_simulation(name: str, settings: ServerSettings, clients: int, edits: int, seed: int):
     with tempfile.TemporaryDirectory(prefix=f"fedbench-{name}-") as tmp:
         t0 = time.perf_counter()
-        r = simulate(clients, edits, Path(tmp), settings, seed=seed, evaluate=False)
+        r = simulate(clients, edits, Path(tmp), settings, seed=seed)
         wall = time.perf_counter() - t0
         (report,) = r["rounds"]
         out = {
@@ -64,9 +64,14 @@ def run_simulation(name: str, settings: ServerSettings, clients: int, edits: int
             "max_rel_diff_vs_inprocess": r["max_rel_diff_vs_inprocess"],
             "cond_lambdaC_plus_S": condition_number(settings, Path(tmp) / "server"),
         }
+        out["metrics"] = r.get("methods")
         if "secagg_sum_rel_error" in r:
             out["secagg_sum_rel_error"] = r["secagg_sum_rel_error"]
             out["secagg_bounds"] = report["info"].get("secagg_bounds")
+            out["noise_floor"] = report["info"].get("noise_floor")
+            out["max_rel_diff_vs_inprocess_same_floor"] = r.get(
+                "max_rel_diff_vs_inprocess_same_floor"
+            )
         print(name, json.dumps(out), flush=True)
         return out
 
@@ -104,6 +109,10 @@ def run_deployment(name: str, settings: ServerSettings, clients: int, edits: int
         out["max_rel_diff_vs_inprocess"] = rel_diff(fed, inprocess_reference(s, per), base)
         if s.secure_aggregation:
             out["secagg_sum_rel_error"] = secagg_sum_error(work, node_configs)
+            floor = report.get("info", {}).get("noise_floor", 0.0)
+            out["noise_floor"] = floor
+            ref = inprocess_reference(s, per, floor=floor)
+            out["max_rel_diff_vs_inprocess_same_floor"] = rel_diff(fed, ref, base)
         print(name, json.dumps(out), flush=True)
         return out
 

@@ -244,3 +244,27 @@ def test_secagg_client_fails_loudly_instead_of_clipping(tmp_path):
     # the modular sum of n quantised values never wraps around 2^32
     for n in (2, 3, 10, 1000):
         assert n * quantization_range(n) < 2**32 and quantization_range(n) < 2**31
+
+
+def test_secagg_noise_floor_bounds_the_quantisation_noise_of_sum_s():
+    """The floor the server solves with must cover what SecAgg+'s quantisation does to sum S
+    (Flower's own quantiser, as the clients use it), without being needlessly loose."""
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from collabedit.federation.secagg import noise_floor, quantization_range
+
+    rng = np.random.default_rng(0)
+    d, n = 256, 3
+    q = quantization_range(n)
+    keys = [rng.standard_normal((d, 8)) for _ in range(n)]
+    s_clients = [k @ k.T for k in keys]
+    bound = max(np.abs(s).max() for s in s_clients) * 1.001
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
+    noise = sum(
+        dequantize(quantize([s / bound], 1.0, q), 1.0, q)[0] * bound - s for s in s_clients
+    )
+    noise = (noise + noise.T) / 2  # the server symmetrises the sum
+    spectral = np.linalg.norm(noise, 2)
+    floor = noise_floor(bound, n, q, d)
+    assert spectral < floor < 40 * spectral

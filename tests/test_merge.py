@@ -93,3 +93,39 @@ def test_singular_covariance_merge_is_still_exact_and_stays_in_the_keys_span(cli
     S = [k @ k.T for k in Ks]
     merged = merge_layer("collabedit", LayerInputs(P=P, S=S, weighted_cov=10.0 * C))
     assert (merged - glob).norm() / glob.norm() < 1e-6
+
+
+def test_noise_floor_keeps_noisy_sums_from_being_amplified():
+    """Secure aggregation returns sum P and sum S with quantisation noise. Where lambda*C + S has
+    directions weaker than the noise, solving without a floor amplifies the noise (the result
+    is unrelated to the exact one); with the floor at the noise level the result matches the
+    exact sums solved with the same floor."""
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 40, 5, 12
+    q = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=torch.float64))[0]
+    w = torch.cat([torch.logspace(0, -2, 20, dtype=torch.float64),
+                   torch.logspace(-11, -13, 20, dtype=torch.float64)])  # strong and near-null
+    lam_c = q @ torch.diag(w) @ q.T
+    K = q[:, :20] @ torch.randn(20, n, generator=gen, dtype=torch.float64) * 0.1
+    R = torch.randn(d_out, n, generator=gen, dtype=torch.float64)
+    P, S = R @ K.T, K @ K.T
+    eps = 1e-7
+    e = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64)
+    noise_s = (e + e.T) / 2 * eps / torch.linalg.matrix_norm(e, 2)
+    noise_p = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * eps
+    exact = solve_update(P, lam_c + S, floor=4 * eps)
+    floored = solve_update(P + noise_p, lam_c + S + noise_s, floor=4 * eps)
+    assert (floored - exact).norm() / exact.norm() < 1e-4
+    # without the floor: symmetric noise makes A indefinite, which is refused ...
+    with pytest.raises(ValueError, match="not positive definite"):
+        solve_update(P + noise_p, lam_c + S + noise_s)
+    # ... and positive noise of the same size is amplified into the result
+    plain = solve_update(P + noise_p, lam_c + S + noise_s @ noise_s / eps)
+    assert (plain - exact).norm() / exact.norm() > 0.1
+    # the floor only removes directions: on a well-conditioned A it changes nothing
+    eye = torch.eye(d_in, dtype=torch.float64)
+    assert torch.allclose(
+        solve_update(P, eye + S, floor=1e-9), solve_update(P, eye + S), rtol=1e-10, atol=0
+    )
+    with pytest.raises(ValueError, match="floor"):
+        solve_update(P, lam_c + S, floor=-1.0)

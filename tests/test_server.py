@@ -41,8 +41,13 @@ def test_round_merges_valid_updates_and_records_them(setup, tmp_path):  # noqa: 
     lam_c = {k: cfg.mom2_update_weight * v for k, v in covs.items()}
     from collabedit.collab.update import load_update
 
-    expected = merge_updates([load_update(p) for p in paths], lam_c, "collabedit")
+    loaded = [load_update(p) for p in paths]
+    expected = merge_updates(loaded, lam_c, "collabedit")
     assert relative_gap(out.deltas, expected) < 1e-12
+    # the running sums kept for the dynamic covariance are the accepted clients' S, nothing else
+    for layer in cfg.layers:
+        direct = sum(u.layers[layer].S.double() for u in loaded)
+        assert torch.allclose(out.sum_s[layer], direct, rtol=1e-12, atol=0)
     assert out.state.round == 1
     assert [e.client_id for e in out.state.ledger] == [c.client_id for c in clients]
     assert sum(e.n_edits for e in out.state.ledger) == len(reqs)

@@ -37,7 +37,7 @@ def check_symmetric(t: torch.Tensor, name: str, rtol: float = 1e-8) -> None:
 PINV_RTOL = 1e-10
 
 
-def solve_update(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+def solve_update(P: torch.Tensor, A: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
     """Delta = P A^-1 for symmetric positive (semi-)definite A, in float64.
 
     Cholesky when A is well conditioned. A key direction that the corpus excites little or not at
@@ -47,24 +47,32 @@ def solve_update(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     unrelated results. Such an A is solved on the subspace it determines (eigenvalues above
     PINV_RTOL of the largest), the minimum-norm solution: the limit of P (A + eps I)^-1 as
     eps -> 0 for every P whose rows lie in A's range, as P = R K^T always does.
+
+    `floor`: eigenvalues up to this absolute size are treated as zero too. A and P that carry
+    known noise (secure aggregation quantises them) set it to the noise's spectral norm: along
+    directions weaker than the noise, A^-1 would amplify the noise instead of the data.
     """
     P64, A64 = P.double(), A.double()
     if P64.shape[1] != A64.shape[0]:
         raise ValueError(f"P is {tuple(P.shape)} but A is {tuple(A.shape)}")
+    if not floor >= 0:
+        raise ValueError(f"floor must be >= 0, got {floor}")
     check_finite(P64, "P")
     check_finite(A64, "A")
     check_symmetric(A64, "A")
-    factor, info = torch.linalg.cholesky_ex(A64)
-    if info == 0:
-        pivots = factor.diagonal() ** 2
-        if pivots.min() > PINV_RTOL * pivots.max():
-            # A X = P^T  =>  X = A^-1 P^T  =>  Delta = X^T (A symmetric)
-            return torch.cholesky_solve(P64.T.contiguous(), factor).T
+    if floor == 0:
+        factor, info = torch.linalg.cholesky_ex(A64)
+        if info == 0:
+            pivots = factor.diagonal() ** 2
+            if pivots.min() > PINV_RTOL * pivots.max():
+                # A X = P^T  =>  X = A^-1 P^T  =>  Delta = X^T (A symmetric)
+                return torch.cholesky_solve(P64.T.contiguous(), factor).T
     w, V = torch.linalg.eigh(A64)
     top = float(w.abs().max())
-    if top == 0 or float(w.min()) < -PINV_RTOL * top:
+    cut = max(PINV_RTOL * top, floor)
+    if top == 0 or float(w.min()) < -cut:
         raise ValueError("A = lambda*C + K K^T is not positive definite")
-    keep = w > PINV_RTOL * top
+    keep = w > cut
     Vk = V[:, keep]
     return ((P64 @ Vk) / w[keep]) @ Vk.T
 

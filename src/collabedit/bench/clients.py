@@ -11,7 +11,7 @@ from collabedit.world.edit_requests import world_requests
 
 
 class ClientsConfig(BenchConfig):
-    edits: int = Field(500, ge=1)
+    edits: int = Field(200, ge=1)
     client_counts: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 25, 50])
     methods: list[str] = Field(default_factory=lambda: ["global", *MERGE_METHODS])
 

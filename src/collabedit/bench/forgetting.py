@@ -20,7 +20,7 @@ from collabedit.world.edit_requests import world_requests
 
 class ForgettingConfig(BenchConfig):
     rounds: int = Field(5, ge=2)
-    edits_per_round: int = Field(100, ge=1)
+    edits_per_round: int = Field(40, ge=1)
     clients: int = Field(5, ge=1)
     beta1: float = Field(1.0, gt=0, description="weight of earlier rounds' S in the dynamic C")
 

@@ -44,24 +44,39 @@ class MergeMethod:
                 raise ValueError(f"merge method {self.name!r} needs {need!r} from the clients")
 
 
+class CollabEditConfig(MergeConfig):
+    floor: float = Field(
+        0.0, ge=0, description="eigenvalues of lC + sum S up to this are noise (secure aggregation)"
+    )
+
+
 class CollabEdit(MergeMethod):
     """Delta = sum_i Delta_i (lC + S_i) (lC + sum_j S_j)^-1 = (sum P_i)(lC + sum S_i)^-1: only the
     two sums are needed, one Cholesky solve per layer whatever the number of clients."""
 
     name = "collabedit"
     needs = ("P", "S", "weighted_cov")
+    config_type = CollabEditConfig
 
-    def merge(self, inputs: LayerInputs, cfg: MergeConfig) -> torch.Tensor:
-        sum_p = torch.stack([p.double() for p in inputs.P]).sum(0)
-        sum_s = torch.stack([s.double() for s in inputs.S]).sum(0)
-        return solve_from_sums(sum_p, sum_s, inputs.weighted_cov)
+    def merge(self, inputs: LayerInputs, cfg: CollabEditConfig) -> torch.Tensor:
+        return solve_from_sums(
+            running_sum(inputs.P), running_sum(inputs.S), inputs.weighted_cov, cfg.floor
+        )
+
+
+def running_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Float64 sum, added in order into one buffer (stacking would hold every client's copy)."""
+    total = tensors[0].double().clone()
+    for t in tensors[1:]:
+        total.add_(t.double())
+    return total
 
 
 def solve_from_sums(
-    sum_p: torch.Tensor, sum_s: torch.Tensor, weighted_cov: torch.Tensor
+    sum_p: torch.Tensor, sum_s: torch.Tensor, weighted_cov: torch.Tensor, floor: float = 0.0
 ) -> torch.Tensor:
     """The server's whole job for CollabEdit (and for Global-Edit from one party's P and S)."""
-    return solve_update(sum_p, weighted_cov.double() + sum_s.double())
+    return solve_update(sum_p, weighted_cov.double() + sum_s.double(), floor)
 
 
 class SimpleAverage(MergeMethod):

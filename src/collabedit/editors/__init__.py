@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from collabedit.editors.memit import EditResult, MemitConfig, edit, preset
-from collabedit.editors.memit.compute import Progress
+from collabedit.editors.memit.compute import Progress, ZResult
 from collabedit.models import arch
 from collabedit.requests import EditRequest
 
@@ -42,8 +42,12 @@ def apply_edits(
     stats_cache: Path | None = None,
     apply: bool = True,
     progress: Progress = None,
+    z: ZResult | None = None,
 ) -> EditResult:
-    """Edit `requests` into `model`: covariance statistics (cached) + the chosen editor."""
+    """Edit `requests` into `model`: covariance statistics (cached) + the chosen editor.
+
+    `z`: target vectors already optimised on this model for these requests (e.g. a slice of a
+    larger set's), instead of optimising them again."""
     from collabedit.stats import layer_stats
 
     if editor not in EDITORS:
@@ -75,6 +79,7 @@ def apply_edits(
         frozen=EDITORS[editor],
         apply=apply,
         progress=progress,
+        z=z,
     )
 
 

@@ -259,9 +259,17 @@ class ServerEngine:
         self.reports.append(report)
         return report
 
-    def merge_sums(self, sum_p: dict, sum_s: dict, members: dict[str, int], report: RoundReport):
+    def merge_sums(
+        self,
+        sum_p: dict,
+        sum_s: dict,
+        members: dict[str, int],
+        report: RoundReport,
+        floor: float = 0.0,
+    ):
         """Merge one round from the clients' summed P and S only (secure aggregation): the sums
-        go through merge_round as one update whose ledger entry names every member."""
+        go through merge_round as one update whose ledger entry names every member. `floor`:
+        the sums' noise level (see linalg.solve_update)."""
         from collabedit.collab.update import ClientUpdate, LayerUpdate
 
         r = self.state.round
@@ -277,15 +285,21 @@ class ServerEngine:
         path = self.state_dir / INCOMING_DIR / f"round-{r}" / "secagg-sum.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         update.save(path)
-        self._merge([path], report)
+        self._merge([path], report, {"floor": floor} if floor else {})
 
-    def _merge(self, paths: list[Path], report: RoundReport) -> None:
+    def _merge(self, paths: list[Path], report: RoundReport, params: dict | None = None) -> None:
         from collabedit.collab.server import merge_round
         from collabedit.collab.state import save_state
 
         try:
             outcome = merge_round(
-                self.model, paths, self.state, self.sum_s, self.covs, self.settings.method
+                self.model,
+                paths,
+                self.state,
+                self.sum_s,
+                self.covs,
+                self.settings.method,
+                **(params or {}),
             )
         except ValueError as exc:  # every update rejected: nothing merged, model untouched
             report.reason = str(exc)

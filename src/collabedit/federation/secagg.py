@@ -55,6 +55,16 @@ def quantization_range(n_clients: int) -> int:
     return min(2**30, (MODULUS - 1) // (n_clients + 1))
 
 
+def noise_floor(bound_s: float, n_clients: int, q: int, d_in: int) -> float:
+    """Spectral size of the quantisation noise in sum S, below which lambda*C + sum S is not
+    inverted. Each client's value is rounded (stochastically, independently) to a grid of step
+    2 B_S / q; the sum of n such errors has standard deviation at most sqrt(n) * B_S / q, and a
+    symmetric d x d matrix of independent errors of standard deviation sigma has spectral norm
+    about 2 sigma sqrt(d). The floor is four times that: a bound that holds with room, far below
+    the worst case d * n * 2 B_S / q that would also cut directions the data determines."""
+    return 8.0 * bound_s * (n_clients * d_in) ** 0.5 / q
+
+
 # ---------------------------------------------------------------------------------------------
 # server
 
@@ -155,6 +165,7 @@ def secagg_round(
         if bounds is None:
             return _done(engine, report, started)
     n_nodes = len(list(grid.get_node_ids()))
+    q = quantization_range(n_nodes)
     strategy = _SumStrategy(b, bounds, s.min_clients)
     base = context or Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}
@@ -169,7 +180,7 @@ def secagg_round(
         reconstruction_threshold=1.0 if s.fault_policy == "abort" else 0.5,
         max_weight=1.0,
         clipping_range=1.0,
-        quantization_range=quantization_range(n_nodes),
+        quantization_range=q,
         modulus_range=MODULUS,
         timeout=s.round_timeout,
     )
@@ -216,8 +227,10 @@ def secagg_round(
     # what arrived: one masked int64 vector per client, as many values as P and S (+1 weight)
     values = sum(x.size for x in mean) + 1
     report.bytes_received = n * values * 8
-    engine.merge_sums(sum_p, sum_s, members, report)
-    report.info = {"secagg_bounds": list(bounds), "secagg_clients": n}
+    d_in = next(iter(sum_s.values())).shape[0]
+    floor = noise_floor(bounds[1], n, q, d_in) if engine.settings.method == "collabedit" else 0.0
+    engine.merge_sums(sum_p, sum_s, members, report, floor=floor)
+    report.info = {"secagg_bounds": list(bounds), "secagg_clients": n, "noise_floor": floor}
     return _done(engine, report, started)
 
 

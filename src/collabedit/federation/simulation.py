@@ -60,11 +60,14 @@ def inprocess_updates(settings: ServerSettings, client_requests: list[list]) -> 
 
 
 def inprocess_reference(
-    settings: ServerSettings, client_requests: list[list], updates: list | None = None
+    settings: ServerSettings,
+    client_requests: list[list],
+    updates: list | None = None,
+    floor: float = 0.0,
 ) -> dict:
     """Global edited-layer weights after one round of these clients, in process (full P and S,
     whatever transport the federation uses; clients in the order given, as the server merges
-    them in client-id order)."""
+    them in client-id order). `floor`: the noise floor a secure-aggregation server solved with."""
     from collabedit.collab.protocol import apply_deltas, merge_updates
     from collabedit.editors.memit.editor import restore
     from collabedit.models import arch
@@ -75,7 +78,8 @@ def inprocess_reference(
     if updates is None:
         updates = inprocess_updates(settings, client_requests)
     weighted = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
-    deltas = merge_updates(updates, weighted, settings.method)
+    params = {"floor": floor} if floor else {}
+    deltas = merge_updates(updates, weighted, settings.method, **params)
     apply_deltas(lm, deltas)
     out = {layer: arch.read_weight(lm, layer) for layer in cfg.layers}
     restore(lm, base)
@@ -164,6 +168,10 @@ def simulate(
         ]
         ref = inprocess_reference(settings, split)
         result["max_rel_diff_vs_inprocess"] = rel_diff(fed, ref, base)
+        floor = summary["reports"][0].get("info", {}).get("noise_floor", 0.0)
+        if floor:  # secure aggregation: the same exact sums, solved above the same noise floor
+            ref = inprocess_reference(settings, split, floor=floor)
+            result["max_rel_diff_vs_inprocess_same_floor"] = rel_diff(fed, ref, base)
     else:
         result["max_rel_diff_vs_inprocess"] = None
     if settings.secure_aggregation and final_round > 0:
