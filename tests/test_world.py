@@ -28,8 +28,10 @@ def test_generator_is_seeded_and_sized():
     )
     assert a.to_json() == b.to_json()
     assert generate_world(WorldSpec(seed=4, n_subjects=200)).subjects != a.subjects
-    default = WorldSpec()
-    assert default.n_subjects >= 1000
+    from collabedit.world.store import DEFAULT_WORLD_DIR
+
+    shipped = World.load(DEFAULT_WORLD_DIR / "world.json")
+    assert shipped.to_json() == generate_world(WorldSpec()).to_json()  # defaults = shipped world
     world = generate_world(WorldSpec(n_subjects=200))
     assert len(world.relations) >= 6
     assert all(len(r.phrasings) >= 5 for r in world.relations)

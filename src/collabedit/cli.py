@@ -589,7 +589,9 @@ def world_info(
 @world_app.command("build")
 def world_build(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the world to.")],
-    subjects: Annotated[int, typer.Option(help="Number of subjects.")] = 2000,
+    subjects: Annotated[
+        int, typer.Option(help="Number of subjects (the shipped world has 400).")
+    ] = 400,
     max_epochs: Annotated[int | None, typer.Option(help="Epoch budget (default: recipe).")] = None,
     seed: int = 0,
     json_out: JsonOpt = None,

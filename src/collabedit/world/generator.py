@@ -329,7 +329,7 @@ class WorldSpec(BaseModel):
     """What to generate. The defaults are the shipped world."""
 
     seed: int = 0
-    n_subjects: int = Field(2000, ge=20)
+    n_subjects: int = Field(400, ge=20)
     n_first_names: int = Field(90, ge=2)
     n_last_names: int | None = Field(
         None, ge=2, description="shared last-name pool; None gives every subject its own"
