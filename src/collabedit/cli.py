@@ -151,7 +151,7 @@ def eval_cmd(
 @app.command()
 def demo(
     clients: Annotated[int, typer.Option(help="Number of clients.")] = 10,
-    edits_per_client: Annotated[int, typer.Option(help="Private requests per client.")] = 20,
+    edits_per_client: Annotated[int, typer.Option(help="Private requests per client.")] = 10,
     seed: int = 0,
     fidelity: Annotated[bool, typer.Option(help="Also measure one-shot/layer-sync.")] = True,
     json_out: JsonOpt = None,

@@ -62,7 +62,7 @@ def _fidelity(lab: Lab, requests, z_all, n_clients: int, log: Log) -> dict:
 def run_demo(
     bundle: WorldBundle,
     n_clients: int = 10,
-    edits_per_client: int = 50,
+    edits_per_client: int = 10,
     cfg: MemitConfig | None = None,
     seed: int = 0,
     ties_top_k: float = 0.2,
