@@ -30,7 +30,6 @@ def run(lab: Lab, cfg: ClientsConfig, log: Log) -> dict:
 def plot(result: dict, cfg: ClientsConfig, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     method_lines(ax, result["rows"], "clients", cfg.score_key)
-    ax.set_xscale("log")
     ax.set_xlabel(f"number of clients ({cfg.edits} edits in all)")
     ax.set_title("Score vs number of clients (paper Fig. 6)")
     save_figure(fig, path)

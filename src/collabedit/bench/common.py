@@ -38,13 +38,23 @@ def save_figure(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def method_lines(ax, rows: list[dict], x: str, y: str) -> None:
-    """One line per method of rows {x: .., "method": .., y: ..}."""
+def method_lines(ax, rows: list[dict], x: str, y: str, log_x: bool = True) -> None:
+    """One line per method of rows {x: .., "method": .., y: ..}; ticks at the measured x."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for m in methods:
         pts = [r for r in rows if r["method"] == m]
-        style = "-o" if m in ("global", "collabedit") else "--s"
-        ax.plot([r[x] for r in pts], [r[y] for r in pts], style, label=m)
+        if m == "global":  # hollow and large: CollabEdit usually lies exactly on top of it
+            kw = {"marker": "o", "markersize": 10, "fillstyle": "none", "linestyle": "-"}
+        elif m == "collabedit":
+            kw = {"marker": "o", "markersize": 4, "linestyle": "-"}
+        else:
+            kw = {"marker": "s", "markersize": 4, "linestyle": "--"}
+        ax.plot([r[x] for r in pts], [r[y] for r in pts], label=m, **kw)
+    if log_x:
+        ax.set_xscale("log")
+    xs = sorted({r[x] for r in rows})
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.minorticks_off()
     ax.set_ylim(0, 101)
     ax.set_ylabel(y)
     ax.legend(fontsize=8)

@@ -39,7 +39,6 @@ def run(lab: Lab, cfg: ScaleConfig, log: Log) -> dict:
 def plot(result: dict, cfg: ScaleConfig, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     method_lines(ax, result["rows"], "n", cfg.score_key)
-    ax.set_xscale("log")
     ax.set_xlabel(f"number of edits ({cfg.clients} clients)")
     ax.set_title("Score vs number of edits (paper Fig. 1)")
     save_figure(fig, path)
