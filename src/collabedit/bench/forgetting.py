@@ -83,6 +83,7 @@ def plot(result: dict, cfg: ForgettingConfig, path) -> None:
         result["global_all_at_once"][key], color="gray", lw=0.8, label="Global-Edit of all, at once"
     )
     ax.set_ylim(0, 101)
+    ax.set_xticks([r["round"] for r in result["immutable"]])
     ax.set_xlabel(f"round ({cfg.edits_per_round} new edits per round)")
     ax.set_ylabel(key)
     ax.set_title("Forgetting across rounds (paper Table 5)")
