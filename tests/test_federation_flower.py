@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from collabedit.federation.config import ServerSettings
 from collabedit.federation.engine import ledger_members, memit_setup
@@ -85,7 +86,14 @@ def test_simulation_factor_transport_quorum_with_a_failing_client(tmp_path):
     for path in incoming:
         lu = next(iter(load_update(path).layers.values()))
         assert lu.F is not None and lu.G is not None and lu.F.shape[1] == 2
-    ref_updates = inprocess_updates(s, reqs)
+    # Flower's Ray actors run with one CPU, hence one torch thread; the reference uses one too, so
+    # that float32 reductions add in the same order (with 2 threads K differs by ~5e-7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_updates = inprocess_updates(s, reqs)
+    finally:
+        torch.set_num_threads(threads)
     got = [load_update(p) for p in sorted((tmp_path / "server" / "incoming" / "round-0").iterdir())]
     for layer in cfg.layers:
         for kind in ("P", "S"):
