@@ -47,10 +47,9 @@ def main() -> None:
     if args.lam:
         cfg.mom2_update_weight = args.lam
     rows = []
-    n_subjects = len(load_world(args.world).world.subjects)
-    # one request per subject: the largest count the world supports is its number of subjects
-    counts = sorted({min(n, n_subjects) for n in args.counts})
     bundle = load_world(args.world)
+    # one request per subject: the largest count the world supports is its number of subjects
+    counts = sorted({min(n, len(bundle.world.subjects)) for n in args.counts})
     drawn = world_requests(bundle.world, counts[-1], seed=args.seed)
     layers = arch.check_layers(bundle.model, cfg.layers or arch.default_layers(bundle.model))
     start = time.perf_counter()
