@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -22,7 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from collabedit.editors import apply_edits, preset  # noqa: E402
-from collabedit.editors.memit.compute import context_templates, optimise_z  # noqa: E402
+from collabedit.editors.memit.compute import (  # noqa: E402
+    ZResult,
+    context_templates,
+    optimise_z,
+    z_cache_key,
+)
 from collabedit.evaluate.metrics import evaluate_requests  # noqa: E402
 from collabedit.models import arch  # noqa: E402
 from collabedit.world.edit_requests import world_requests  # noqa: E402
@@ -34,59 +40,95 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 500, 1000, 2000])
     parser.add_argument("--editors", nargs="+", default=["memit", "memit-frozen"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, nargs="*", default=None)
-    parser.add_argument("--lam", type=float, default=None, help="mom2_update_weight")
+    parser.add_argument(
+        "--layer-sets",
+        nargs="+",
+        default=None,
+        help="edited layers, one comma-separated set per run, e.g. 1 0,1 (default: the preset's);"
+        " every set must end at the same layer, where z is read",
+    )
+    parser.add_argument(
+        "--lams", type=float, nargs="+", default=None, help="mom2_update_weight(s) to run"
+    )
+    parser.add_argument(
+        "--z-cache",
+        type=Path,
+        default=None,
+        help="safetensors file: z is read from it when it was computed for the same model,"
+        " requests and z settings, else optimised and written there",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     args = parser.parse_args()
 
     cfg = preset("world")
-    if args.layers:
-        cfg.layers = args.layers
-    if args.lam:
-        cfg.mom2_update_weight = args.lam
     rows = []
     bundle = load_world(args.world)
+    layer_sets = [
+        arch.check_layers(bundle.model, [int(x) for x in spec.split(",")])
+        for spec in (args.layer_sets or [",".join(map(str, cfg.layers or []))])
+    ]
+    if len({ls[-1] for ls in layer_sets}) != 1:
+        parser.error("--layer-sets must all end at the same layer (z is read there)")
+    lams = args.lams or [cfg.mom2_update_weight]
     # one request per subject: the largest count the world supports is its number of subjects
     counts = sorted({min(n, len(bundle.world.subjects)) for n in args.counts})
     drawn = world_requests(bundle.world, counts[-1], seed=args.seed)
-    layers = arch.check_layers(bundle.model, cfg.layers or arch.default_layers(bundle.model))
+    z_layer = layer_sets[0][-1]
     start = time.perf_counter()
     templates = context_templates(bundle.model, bundle.tokenizer, cfg)
-    z_all = optimise_z(bundle.model, bundle.tokenizer, drawn, layers[-1], templates, cfg)
+    key = z_cache_key(bundle.model, drawn, z_layer, templates, cfg)
+    z_all = ZResult.load(args.z_cache, key) if args.z_cache else None
+    z_cached = z_all is not None
+    if z_all is None:
+        z_all = optimise_z(bundle.model, bundle.tokenizer, drawn, z_layer, templates, cfg)
+        if args.z_cache:
+            z_all.save(args.z_cache, key)
     z_seconds = time.perf_counter() - start
-    print(json.dumps({"z_requests": len(drawn), "z_seconds": round(z_seconds, 1)}), flush=True)
-    for editor in args.editors:
-        for n in counts:
-            bundle = load_world(args.world)  # fresh, unedited model each time
-            reqs = drawn[:n]
-            start = time.perf_counter()
-            result = apply_edits(
-                bundle.model,
-                bundle.tokenizer,
-                reqs,
-                editor=editor,
-                config=cfg,
-                z=z_all.select(range(n)),
-            )
-            seconds = time.perf_counter() - start
-            metrics = evaluate_requests(bundle.model, bundle.tokenizer, reqs)
-            row = {
-                "editor": editor,
-                "n": n,
-                "edit_seconds_without_z": round(seconds, 2),
-                "timings": {k: round(v, 2) for k, v in result.timings.items()},
-            }
-            row |= {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    print(
+        json.dumps(
+            {"z_requests": len(drawn), "z_seconds": round(z_seconds, 1), "z_cached": z_cached}
+        ),
+        flush=True,
+    )
+    runs = [
+        (e, ls, lam, n) for e in args.editors for ls in layer_sets for lam in lams for n in counts
+    ]
+    for editor, layers, lam, n in runs:
+        cfg = cfg.model_copy(update={"layers": list(layers), "mom2_update_weight": lam})
+        bundle = load_world(args.world)  # fresh, unedited model each time
+        reqs = drawn[:n]
+        start = time.perf_counter()
+        result = apply_edits(
+            bundle.model,
+            bundle.tokenizer,
+            reqs,
+            editor=editor,
+            config=cfg,
+            z=z_all.select(range(n)),
+        )
+        seconds = time.perf_counter() - start
+        metrics = evaluate_requests(bundle.model, bundle.tokenizer, reqs)
+        row = {
+            "editor": editor,
+            "layers": list(layers),
+            "lambda": lam,
+            "n": n,
+            "edit_seconds_without_z": round(seconds, 2),
+            "timings": {k: round(v, 2) for k, v in result.timings.items()},
+        }
+        row |= {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     payload = {
         "config": cfg.model_dump(),
         "seed": args.seed,
         "world": str(bundle.path),
         "z_requests": len(drawn),
         "z_seconds": round(z_seconds, 1),
+        "z_cached": z_cached,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "rows": rows,
     }
     if args.json:
@@ -94,12 +136,15 @@ def main() -> None:
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     if args.plot:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for editor in args.editors:
-            pts = [r for r in rows if r["editor"] == editor]
+        for editor, layers, lam in dict.fromkeys((e, tuple(ls), lam) for e, ls, lam, _ in runs):
+            pts = [
+                r
+                for r in rows
+                if (r["editor"], tuple(r["layers"]), r["lambda"]) == (editor, layers, lam)
+            ]
+            name = f"{editor} L{','.join(map(str, layers))} λ{lam:g}"
             for key, style in (("ES", "-o"), ("PS", "--s"), ("NS", ":^")):
-                ax.plot(
-                    [r["n"] for r in pts], [r[key] for r in pts], style, label=f"{editor} {key}"
-                )
+                ax.plot([r["n"] for r in pts], [r[key] for r in pts], style, label=f"{name} {key}")
         ax.set_xscale("log")
         ax.set_xlabel("edits (Global-Edit, one party)")
         ax.set_ylabel("percent")

@@ -24,7 +24,12 @@ from transformers import (
 )
 
 from collabedit.editors.memit import MemitConfig, edit, from_easyedit_yaml, preset
-from collabedit.editors.memit.compute import context_templates, optimise_z
+from collabedit.editors.memit.compute import (
+    ZResult,
+    context_templates,
+    optimise_z,
+    z_cache_key,
+)
 from collabedit.linalg import NotSymmetricError, memit_update, solve_update
 from collabedit.models import arch
 from collabedit.models.tracing import SubjectNotFoundError, capture_mlp_inputs
@@ -242,6 +247,33 @@ def test_batched_z_equals_one_request_at_a_time(tok, dtype, tol):
     assert ((together.z - together.z_init).norm(dim=1) > 1e-3).all()
 
 
+def test_z_cache_round_trips_and_refuses_other_inputs(tok, tmp_path):
+    model = _models(len(tok))["gpt2"].eval()
+    cfg = _cfg(v_num_grad_steps=3)
+    templates = context_templates(model, tok, cfg)
+    reqs = _requests()
+    z = optimise_z(model, tok, reqs, 2, templates, cfg)
+    key = z_cache_key(model, reqs, 2, templates, cfg)
+    path = tmp_path / "z.safetensors"
+    z.save(path, key)
+    back = ZResult.load(path, key)
+    for name in ("z", "z_init", "final_loss", "steps_taken"):
+        assert torch.equal(getattr(back, name), getattr(z, name))
+    # lambda and the edited layers do not change z; everything z depends on changes the key
+    assert z_cache_key(model, reqs, 2, templates, cfg.model_copy(update={"layers": [2]})) == key
+    others = [
+        z_cache_key(model, reqs[:-1], 2, templates, cfg),
+        z_cache_key(model, reqs, 1, templates, cfg),
+        z_cache_key(model, reqs, 2, templates, cfg.model_copy(update={"v_lr": 0.1})),
+    ]
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0
+    others.append(z_cache_key(model, reqs, 2, templates, cfg))
+    assert key not in others
+    assert all(ZResult.load(path, other) is None for other in others)
+    assert ZResult.load(tmp_path / "missing.safetensors", key) is None
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neo", "gptj", "gpt_neox", "llama"])
 def test_edit_each_architecture_only_touches_chosen_layers(tok, name):
     model = _models(len(tok))[name].eval()
@@ -384,8 +416,9 @@ def test_residual_shrinks_when_the_edit_is_already_made():
     b = load_world()
     cfg = preset("world").model_copy(update={"mom2_n_samples": 3000})
     reqs = world_requests(b.world, 10, seed=11)
-    cov = {k: s.mom2 for k, s in layer_stats(b.model, b.tokenizer, cfg.layers, "world",
-                                             3000).items()}
+    cov = {
+        k: s.mom2 for k, s in layer_stats(b.model, b.tokenizer, cfg.layers, "world", 3000).items()
+    }
     templates = context_templates(b.model, b.tokenizer, cfg)
     first = optimise_z(b.model, b.tokenizer, reqs, cfg.layers[-1], templates, cfg)
     edit(b.model, b.tokenizer, reqs, cfg, cov, z=first)

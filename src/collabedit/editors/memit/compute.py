@@ -9,10 +9,15 @@ forward/backward per step serves all requests instead of one per request per ste
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from collabedit.editors.memit.config import MemitConfig
@@ -207,6 +212,47 @@ class ZResult:
     def select(self, index: Sequence[int]) -> ZResult:
         idx = torch.as_tensor(list(index), dtype=torch.long)
         return ZResult(self.z[idx], self.z_init[idx], self.final_loss[idx], self.steps_taken[idx])
+
+    def save(self, path: Path, key: str) -> None:
+        """Write to safetensors, tagged with `key` (see `z_cache_key`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in _Z_FIELDS}
+        save_file(tensors, str(path), metadata={"key": key})
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> ZResult | None:
+        """The z saved at `path` if it was computed for `key`, else None (recompute)."""
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return cls(*(f.get_tensor(name) for name in _Z_FIELDS))
+
+
+_Z_FIELDS = ("z", "z_init", "final_loss", "steps_taken")
+
+
+def z_cache_key(
+    model: PreTrainedModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: list[list[str]],
+    cfg: MemitConfig,
+) -> str:
+    """Everything z depends on: the whole model, the requests, the layer, the prefixes and the z
+    settings (not lambda or the edited layers, which only the solve uses)."""
+    z_fields = cfg.model_dump(
+        exclude={"layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples"}
+    )
+    payload = {
+        "model": arch.fingerprint(model),
+        "requests": [r.model_dump(mode="json") for r in requests],
+        "layer": layer,
+        "templates": templates,
+        "config": z_fields,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
