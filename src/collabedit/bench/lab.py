@@ -79,8 +79,9 @@ class Lab:
         missing = [layer for layer in layers if layer not in self.covs]
         cfg = self.cfg
         stats = layer_stats(self.model, self.tok, missing, cfg.mom2_dataset, cfg.mom2_n_samples)
-        return {layer: self.covs[layer] if layer in self.covs else stats[layer].mom2
-                for layer in layers}
+        return {
+            layer: self.covs[layer] if layer in self.covs else stats[layer].mom2 for layer in layers
+        }
 
     def weighted_covs(
         self,

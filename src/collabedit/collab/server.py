@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from collabedit.collab.merge import METHODS, LayerInputs, merge_layer
+from collabedit.collab.merge import METHODS, LayerInputs, merge_layer, running_sum
 from collabedit.collab.protocol import apply_deltas, merge_updates
 from collabedit.collab.state import (
     STATE_FILE,
@@ -135,9 +135,10 @@ def merge_round(
     else:
         deltas = merge_updates([u for _, u in accepted], weighted, method, **params)
         if all(u.layers[layer].S is not None for _, u in accepted for layer in state.layers):
-            for layer in state.layers:
-                for _, u in accepted:
-                    _add(round_s, layer, u.layers[layer].S.double())
+            round_s = {
+                layer: running_sum([u.layers[layer].S for _, u in accepted])
+                for layer in state.layers
+            }
     apply_deltas(model, deltas)
     # earlier rounds' keys, for the dynamic covariance of the next round
     new_sum = dict(sum_s)
