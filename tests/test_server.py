@@ -82,3 +82,33 @@ def test_server_model_must_be_the_rounds_base(setup, tmp_path):  # noqa: F811
     arch.add_to_weight(other, 1, torch.ones_like(arch.read_weight(other, 1)))
     with pytest.raises(ValueError, match="not the global model"):
         merge_round(other, paths, state, sums, covs)
+
+
+def test_a_sum_that_carries_its_noise_floor_is_solved_with_it(setup, tmp_path):  # noqa: F811
+    """A securely aggregated sum is saved with its noise floor; merging that file again (by the
+    engine or by hand) must solve with the floor, as the round that produced it did."""
+    from collabedit.collab.server import NOISE_FLOOR_KEY
+    from collabedit.collab.update import load_update
+
+    model, tok, cfg, covs, reqs, clients = setup
+    plain = tmp_path / "plain.safetensors"
+    update = client_update(model, tok, clients[0], cfg, covs, "memit-frozen")
+    update.save(plain)
+    layer = cfg.layers[0]
+    a = cfg.mom2_update_weight * covs[layer].double() + update.layers[layer].S.double()
+    eig = torch.linalg.eigvalsh(a)
+    floor = float(eig.median())  # binds: cuts half the spectrum
+    update.extra[NOISE_FLOOR_KEY] = floor
+    tagged = tmp_path / "tagged.safetensors"
+    update.save(tagged)
+    assert load_update(tagged).extra[NOISE_FLOOR_KEY] == floor
+
+    def merged(path, **params):
+        server_model = _copy(model)
+        state, sums = open_state(None, server_model, cfg.layers, "collabedit",
+                                 beta0=cfg.mom2_update_weight, beta1=0.0)
+        return merge_round(server_model, [path], state, sums, covs, "collabedit", **params).deltas
+
+    with_tag = merged(tagged)
+    assert relative_gap(with_tag, merged(plain, floor=floor)) < 1e-12
+    assert relative_gap(with_tag, merged(plain)) > 1e-3

@@ -593,6 +593,13 @@ def world_build(
         int, typer.Option(help="Number of subjects (the shipped world has 400).")
     ] = 400,
     max_epochs: Annotated[int | None, typer.Option(help="Epoch budget (default: recipe).")] = None,
+    mlp_width: Annotated[
+        int,
+        typer.Option(
+            help="MLP inner width. It bounds how many subjects one edited layer can hold: "
+            "keep it above the vocabulary (about subjects + 380 words)."
+        ),
+    ] = 1024,
     seed: int = 0,
     json_out: JsonOpt = None,
 ) -> None:
@@ -602,7 +609,9 @@ def world_build(
     from collabedit.world.train import TrainConfig
 
     spec = WorldSpec(seed=seed, n_subjects=subjects)
-    train = TrainConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
+    train = TrainConfig(
+        seed=seed, n_inner=mlp_width, **({"max_epochs": max_epochs} if max_epochs else {})
+    )
     if checkpoint_path(out_dir).is_file():
         console.print(f"continuing from the checkpoint {checkpoint_path(out_dir)}")
     with _progress() as bar:

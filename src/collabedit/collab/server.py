@@ -68,6 +68,9 @@ def open_state(
     return initial_state(model, layers, method, beta0, beta1), {}
 
 
+NOISE_FLOOR_KEY = "noise_floor"
+
+
 def merge_round(
     model: PreTrainedModel,
     update_paths: list[str | os.PathLike[str]],
@@ -118,6 +121,11 @@ def merge_round(
         accepted.append((str(path), update))
     if not accepted:
         raise ValueError("no valid update to merge; rejected: " + "; ".join(rejected.values()))
+    # a securely aggregated sum says how noisy it is, so merging the saved file again later
+    # solves with the same floor as the round that produced it
+    noise = max(float(u.extra.get(NOISE_FLOOR_KEY, 0.0)) for _, u in accepted)
+    if noise > 0 and method == "collabedit":
+        params["floor"] = max(noise, float(params.get("floor", 0.0)))
     weighted = {
         layer: state.beta0 * covariances[layer].double()
         + state.beta1 * sum_s.get(layer, torch.zeros_like(covariances[layer])).double()

@@ -270,6 +270,7 @@ class ServerEngine:
         """Merge one round from the clients' summed P and S only (secure aggregation): the sums
         go through merge_round as one update whose ledger entry names every member. `floor`:
         the sums' noise level (see linalg.solve_update)."""
+        from collabedit.collab.server import NOISE_FLOOR_KEY
         from collabedit.collab.update import ClientUpdate, LayerUpdate
 
         r = self.state.round
@@ -280,14 +281,14 @@ class ServerEngine:
             n_edits=sum(members.values()),
             layers={k: LayerUpdate(P=sum_p[k], S=sum_s[k]) for k in self.layers},
             editor=self.settings.editor,
-            extra={"members": members},
+            extra={"members": members} | ({NOISE_FLOOR_KEY: floor} if floor else {}),
         )
         path = self.state_dir / INCOMING_DIR / f"round-{r}" / "secagg-sum.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         update.save(path)
-        self._merge([path], report, {"floor": floor} if floor else {})
+        self._merge([path], report)
 
-    def _merge(self, paths: list[Path], report: RoundReport, params: dict | None = None) -> None:
+    def _merge(self, paths: list[Path], report: RoundReport) -> None:
         from collabedit.collab.server import merge_round
         from collabedit.collab.state import save_state
 
@@ -299,7 +300,6 @@ class ServerEngine:
                 self.sum_s,
                 self.covs,
                 self.settings.method,
-                **(params or {}),
             )
         except ValueError as exc:  # every update rejected: nothing merged, model untouched
             report.reason = str(exc)
