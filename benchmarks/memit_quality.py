@@ -117,6 +117,9 @@ def main() -> None:
             "n": n,
             "edit_seconds_without_z": round(seconds, 2),
             "timings": {k: round(v, 2) for k, v in result.timings.items()},
+            "unmet_residual": {
+                str(e.layer): round(e.unmet.mean().item(), 4) for e in result.layers
+            },
         }
         row |= {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
         rows.append(row)

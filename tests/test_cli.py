@@ -88,7 +88,10 @@ def test_memit_edits_take_on_the_world(tmp_path):
     hp.write_text("mom2_n_samples: 3000\n")
     edited = tmp_path / "edited"
     assert run("edit", "--model", "world", "--requests", reqs, "--out", edited,
-               "--hparams", hp).exit_code == 0
+               "--hparams", hp, "--json", tmp_path / "edit.json").exit_code == 0
+    # 20 edits fit easily in the world's layer 1: most of every residual is delivered
+    unmet = json.loads((tmp_path / "edit.json").read_text())["unmet_residual"]
+    assert set(unmet) == {"1"} and 0 <= unmet["1"] < 0.3
     run("eval", "--model", edited, "--requests", reqs, "--json", tmp_path / "e.json")
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]["ES"] >= 75  # unedited: ~0
 

@@ -196,6 +196,26 @@ def test_update_satisfies_its_normal_equations(d_in, d_out, n, lam, seed):
     assert (lhs - rhs).norm() / rhs.norm() < 1e-8
 
 
+def test_unmet_residual_measures_what_the_update_cannot_deliver():
+    """A layer delivers each residual at its key when the keys fit in its width and lambda is
+    small; it cannot when there are more edits than key dimensions, nor when C dominates."""
+    from collabedit.editors.memit.editor import LayerEdit
+
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out = 32, 16
+    C = _spd(d_in, gen)
+
+    def unmet(n: int, lam: float) -> torch.Tensor:
+        K = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+        R = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+        return LayerEdit(0, "m", K, R, memit_update(K.T, R.T, C, lam)).unmet
+
+    assert unmet(8, 1e-6).max() < 1e-3
+    # 64 random targets in a 32-wide layer: least squares leaves about sqrt(1 - 32/64) of each
+    assert 0.5 < unmet(64, 1e-6).mean() < 0.9
+    assert unmet(8, 1e8).min() > 0.99
+
+
 def test_solve_rejects_bad_matrices():
     gen = torch.Generator().manual_seed(0)
     A = _spd(4, gen)

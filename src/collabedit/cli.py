@@ -339,6 +339,8 @@ def edit_cmd(
         "n_edits": len(reqs),
         "requests": str(requests),
         "timings": result.timings,
+        # mean share of each request's residual the layer's update leaves undelivered
+        "unmet_residual": {str(e.layer): round(e.unmet.mean().item(), 4) for e in result.layers},
     }
     if delta:
         save_deltas(

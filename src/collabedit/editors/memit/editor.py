@@ -36,6 +36,15 @@ class LayerEdit:
     residuals: torch.Tensor  # (n, d_out) float64
     delta: torch.Tensor  # (d_out, d_in) float64
 
+    @property
+    def unmet(self) -> torch.Tensor:
+        """Per request, ||Delta k - r|| / ||r||: the share of its residual that this layer's
+        update does not deliver at the request's own key. lambda C always keeps some back; it
+        grows sharply when the edited keys, together with the keys C protects, no longer fit in
+        the layer's key width (measured on the world in docs/benchmarks.md)."""
+        miss = self.keys @ self.delta.T - self.residuals
+        return miss.norm(dim=1) / self.residuals.norm(dim=1).clamp_min(1e-12)
+
 
 @dataclass
 class EditResult:
