@@ -148,6 +148,14 @@ def main() -> None:
             name = f"{editor} L{','.join(map(str, layers))} λ{lam:g}"
             for key, style in (("ES", "-o"), ("PS", "--s"), ("NS", ":^")):
                 ax.plot([r["n"] for r in pts], [r[key] for r in pts], style, label=f"{name} {key}")
+        # Layer keys of the world's one-token-window layers depend on the token only: the
+        # edited subjects' keys and the other words' keys must share the MLP's key width.
+        room = bundle.model.config.intermediate_size - (
+            len(bundle.tokenizer) - len(bundle.world.subjects)
+        )
+        if counts[0] <= room <= counts[-1]:
+            ax.axvline(room, color="grey", lw=0.8, ls="--")
+            ax.annotate("key width − other words", (room, 3), fontsize=7, color="grey", rotation=90)
         ax.set_xscale("log")
         ax.set_xlabel("edits (Global-Edit, one party)")
         ax.set_ylabel("percent")
