@@ -4,7 +4,10 @@ Sentences ("Talor Venrik was born in Oslo") are packed whole into fixed-length r
 before one in its row act as the unrelated lead-in CounterFact's paraphrases have, and a share of
 items get an explicit filler sentence too. The MLP is made wide relative to the residual stream
 (n_inner = 8 x n_embd) because MEMIT writes facts into the MLP output projection, whose input
-width bounds how many edits a layer can hold.
+width bounds how many edits a layer can hold. With the one-token windows below, a layer's keys
+are a function of the token, so one layer holds about n_inner - (vocabulary - subjects) edits
+(measured on a 1,000-subject world, docs/benchmarks.md): a world meant for N edits needs
+n_inner above N + the ~380 other words.
 
 Why the first layers attend only to their own token. MEMIT assumes that a model recalls a fact
 by enriching the subject's last token in its early MLPs, and that later layers read that token.
