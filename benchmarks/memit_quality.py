@@ -1,7 +1,8 @@
 """Global-Edit quality of MEMIT on the shipped world: ES/PS/NS/Score (and EA) vs number of edits.
 
     python benchmarks/memit_quality.py --counts 100 500 1000 2000 --editors memit memit-frozen \
-        --json results/memit_quality.json --plot results/memit_quality.png
+        --json results/memit_quality.json --plot results/memit_quality.png \
+        --z-cache results/zcache --z-block 250
 
 The request sets are nested (each count takes the first n requests of one draw of the largest
 count), so the target vectors z are optimised once, on the unedited model, and each count edits
@@ -54,8 +55,16 @@ def main() -> None:
         "--z-cache",
         type=Path,
         default=None,
-        help="safetensors file: z is read from it when it was computed for the same model,"
-        " requests and z settings, else optimised and written there",
+        help="folder of z blocks (safetensors named by what they were computed from): a block"
+        " computed before for the same model, requests and z settings is read, not optimised",
+    )
+    parser.add_argument(
+        "--z-block",
+        type=int,
+        default=None,
+        help="optimise z in blocks of this many requests, each cached as soon as it is done, so"
+        " an interrupted run continues at the next block (z of a request does not depend on the"
+        " other requests in its batch)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
@@ -78,13 +87,26 @@ def main() -> None:
     z_layer = layer_sets[0][-1]
     start = time.perf_counter()
     templates = context_templates(bundle.model, bundle.tokenizer, cfg)
-    key = z_cache_key(bundle.model, drawn, z_layer, templates, cfg)
-    z_all = ZResult.load(args.z_cache, key) if args.z_cache else None
-    z_cached = z_all is not None
-    if z_all is None:
-        z_all = optimise_z(bundle.model, bundle.tokenizer, drawn, z_layer, templates, cfg)
-        if args.z_cache:
-            z_all.save(args.z_cache, key)
+    block = args.z_block or len(drawn)
+    parts, z_cached = [], True
+    for lo in range(0, len(drawn), block):
+        reqs = drawn[lo : lo + block]
+        key = z_cache_key(bundle.model, reqs, z_layer, templates, cfg)
+        path = args.z_cache / f"z-{key[:32]}.safetensors" if args.z_cache else None
+        part = ZResult.load(path, key) if path else None
+        if part is None:
+            z_cached = False
+            part = optimise_z(bundle.model, bundle.tokenizer, reqs, z_layer, templates, cfg)
+            if path:
+                part.save(path, key)
+        parts.append(part)
+        print(
+            json.dumps(
+                {"z_block": [lo, lo + len(reqs)], "seconds": round(time.perf_counter() - start, 1)}
+            ),
+            flush=True,
+        )
+    z_all = ZResult.cat(parts)
     z_seconds = time.perf_counter() - start
     print(
         json.dumps(

@@ -277,8 +277,10 @@ def test_z_cache_round_trips_and_refuses_other_inputs(tok, tmp_path):
     path = tmp_path / "z.safetensors"
     z.save(path, key)
     back = ZResult.load(path, key)
+    joined = ZResult.cat([back.select([0]), back.select(range(1, len(reqs)))])
     for name in ("z", "z_init", "final_loss", "steps_taken"):
         assert torch.equal(getattr(back, name), getattr(z, name))
+        assert torch.equal(getattr(joined, name), getattr(z, name))
     # lambda and the edited layers do not change z; everything z depends on changes the key
     assert z_cache_key(model, reqs, 2, templates, cfg.model_copy(update={"layers": [2]})) == key
     others = [

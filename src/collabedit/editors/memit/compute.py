@@ -213,6 +213,12 @@ class ZResult:
         idx = torch.as_tensor(list(index), dtype=torch.long)
         return ZResult(self.z[idx], self.z_init[idx], self.final_loss[idx], self.steps_taken[idx])
 
+    @classmethod
+    def cat(cls, parts: Sequence[ZResult]) -> ZResult:
+        """The z of several request blocks, in order: z of a request does not depend on the
+        other requests optimised with it (module note), so blocks join into the whole."""
+        return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in _Z_FIELDS))
+
     def save(self, path: Path, key: str) -> None:
         """Write to safetensors, tagged with `key` (see `z_cache_key`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
