@@ -165,3 +165,13 @@ def test_client_edit_then_server_merge_rounds(tmp_path):
     result = run("client", "edit", "--model", "world", "--requests", reqs, "--out",
                  tmp_path / "late.safetensors", "--round-state", state, "--hparams", hp)
     assert result.exit_code == 1 and "not the global model of round 1" in result.output
+
+
+def test_world_build_takes_the_mlp_width(tmp_path):
+    out = tmp_path / "w"
+    result = run("world", "build", "--subjects", 20, "--mlp-width", 48, "--max-epochs", 1,
+                 "--out", out, "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 48
+    build = json.loads((tmp_path / "b.json").read_text())
+    assert build["train"]["n_inner"] == 48 and len(build["history"]) == 1
