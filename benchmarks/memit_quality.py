@@ -118,7 +118,7 @@ def main() -> None:
         (e, ls, lam, n) for e in args.editors for ls in layer_sets for lam in lams for n in counts
     ]
     for editor, layers, lam, n in runs:
-        cfg = cfg.model_copy(update={"layers": list(layers), "mom2_update_weight": lam})
+        run_cfg = cfg.model_copy(update={"layers": list(layers), "mom2_update_weight": lam})
         bundle = load_world(args.world)  # fresh, unedited model each time
         reqs = drawn[:n]
         start = time.perf_counter()
@@ -127,7 +127,7 @@ def main() -> None:
             bundle.tokenizer,
             reqs,
             editor=editor,
-            config=cfg,
+            config=run_cfg,
             z=z_all.select(range(n)),
         )
         seconds = time.perf_counter() - start
@@ -147,6 +147,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     payload = {
+        # the preset; each row says the layers and lambda it ran with instead
         "config": cfg.model_dump(),
         "seed": args.seed,
         "world": str(bundle.path),
