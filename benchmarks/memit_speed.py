@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from edit_memory import peak_edit  # benchmarks/ is on sys.path when run as a script
 
 from collabedit.editors import preset
 from collabedit.editors.memit.compute import (
@@ -27,23 +26,6 @@ from collabedit.linalg import memit_update
 from collabedit.stats import collect_stats, iter_corpus
 from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import load_world
-
-
-def _peak_edit(n: int, world: Path | None) -> dict:
-    """Run an edit of n requests in a fresh process and read its peak RSS."""
-    code = (
-        "import resource, json, sys; from collabedit.world.store import load_world;"
-        "from collabedit.world.edit_requests import world_requests;"
-        "from collabedit.editors import apply_edits;"
-        "b = load_world(sys.argv[1] or None);"
-        "r = world_requests(b.world, int(sys.argv[2]), seed=1);"
-        "res = apply_edits(b.model, b.tokenizer, r, editor='memit');"
-        "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
-        " / 1024, 'seconds': res.timings['total']}))"
-    )
-    argv = [sys.executable, "-c", code, str(world or ""), str(n)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -102,7 +84,7 @@ def main() -> None:
         "this_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.peak_n:
-        result["peak_edit"] = {"n_requests": args.peak_n, **_peak_edit(args.peak_n, args.world)}
+        result["peak_edit"] = {"n_requests": args.peak_n, **peak_edit(args.peak_n, args.world)}
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
