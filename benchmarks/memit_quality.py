@@ -66,11 +66,28 @@ def main() -> None:
         " an interrupted run continues at the next block (z of a request does not depend on the"
         " other requests in its batch)",
     )
+    parser.add_argument(
+        "--z-part",
+        default=None,
+        metavar="I/N",
+        help="only optimise and cache z blocks number I, I+N, I+2N, ... and stop: N runs with"
+        " one thread each fill the cache side by side, then a run without it reads every block",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     args = parser.parse_args()
 
+    part_index, part_count = 0, 1
+    if args.z_part:
+        if not (args.z_cache and args.z_block):
+            parser.error("--z-part needs --z-cache and --z-block")
+        try:
+            part_index, part_count = map(int, args.z_part.split("/"))
+        except ValueError:
+            parser.error(f"--z-part takes I/N, e.g. 0/2, not {args.z_part!r}")
+        if not 0 <= part_index < part_count:
+            parser.error(f"--z-part {args.z_part}: I must be in 0..N-1")
     cfg = preset("world")
     rows = []
     bundle = load_world(args.world)
@@ -89,7 +106,9 @@ def main() -> None:
     templates = context_templates(bundle.model, bundle.tokenizer, cfg)
     block = args.z_block or len(drawn)
     parts, z_cached = [], True
-    for lo in range(0, len(drawn), block):
+    for number, lo in enumerate(range(0, len(drawn), block)):
+        if number % part_count != part_index:
+            continue
         reqs = drawn[lo : lo + block]
         key = z_cache_key(bundle.model, reqs, z_layer, templates, cfg)
         path = args.z_cache / f"z-{key[:32]}.safetensors" if args.z_cache else None
@@ -106,6 +125,8 @@ def main() -> None:
             ),
             flush=True,
         )
+    if args.z_part:
+        return
     z_all = ZResult.cat(parts)
     z_seconds = time.perf_counter() - start
     print(
