@@ -42,6 +42,14 @@ def main() -> None:
     parser.add_argument("--editors", nargs="+", default=["memit", "memit-frozen"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--draw",
+        type=int,
+        default=None,
+        help="draw the requests as for this many edits (default: the largest count); each count"
+        " is a prefix of that draw, so a run of the smaller counts reads z blocks a later run"
+        " of all counts reuses",
+    )
+    parser.add_argument(
         "--layer-sets",
         nargs="+",
         default=None,
@@ -100,7 +108,9 @@ def main() -> None:
     lams = args.lams or [cfg.mom2_update_weight]
     # one request per subject: the largest count the world supports is its number of subjects
     counts = sorted({min(n, len(bundle.world.subjects)) for n in args.counts})
-    drawn = world_requests(bundle.world, counts[-1], seed=args.seed)
+    draw = min(max(args.draw or 0, counts[-1]), len(bundle.world.subjects))
+    # z is needed for the largest count only
+    drawn = world_requests(bundle.world, draw, seed=args.seed)[: counts[-1]]
     z_layer = layer_sets[0][-1]
     start = time.perf_counter()
     templates = context_templates(bundle.model, bundle.tokenizer, cfg)
@@ -171,6 +181,7 @@ def main() -> None:
         # the preset; each row says the layers and lambda it ran with instead
         "config": cfg.model_dump(),
         "seed": args.seed,
+        "draw": draw,
         "world": str(bundle.path),
         "z_requests": len(drawn),
         "z_seconds": round(z_seconds, 1),
