@@ -84,7 +84,7 @@ def main() -> None:
         "this_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.peak_n:
-        result["peak_edit"] = {"n_requests": args.peak_n, **peak_edit(args.peak_n, args.world)}
+        result["peak_edit"] = peak_edit(args.peak_n, args.world)  # its row names n_requests
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
