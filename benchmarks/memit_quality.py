@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import time
 from pathlib import Path
@@ -30,10 +31,53 @@ from collabedit.editors.memit.compute import (  # noqa: E402
     optimise_z,
     z_cache_key,
 )
-from collabedit.evaluate.metrics import evaluate_requests  # noqa: E402
+from collabedit.evaluate.metrics import (  # noqa: E402
+    counterfact_case_metrics,
+    evaluate_requests,
+    summarise_counterfact,
+    summarise_zsre,
+    zsre_case_metrics,
+)
 from collabedit.models import arch  # noqa: E402
+from collabedit.requests import EditRequest  # noqa: E402
 from collabedit.world.edit_requests import world_requests  # noqa: E402
+from collabedit.world.generator import World  # noqa: E402
 from collabedit.world.store import load_world  # noqa: E402
+
+
+def unedited_neighbourhoods(world: World, reqs: list[EditRequest]) -> list[EditRequest]:
+    """The requests with only the neighbourhood prompts whose subject none of `reqs` edits.
+
+    Once many subjects are edited, a neighbour is often an edited subject itself (on another
+    relation, or on this one, where its answer is meant to change); this separates collateral
+    damage to untouched subjects from that."""
+    edited = {r.subject for r in reqs}
+    patterns = {
+        rel.id: [
+            re.compile(re.escape(a) + "(.+)" + re.escape(b) + "$")
+            for a, b in (t.split("{}") for t in rel.statements)
+        ]
+        for rel in world.relations
+    }
+
+    def subject_of(req: EditRequest, prompt: str) -> str:
+        for pattern in patterns[req.relation_id]:
+            m = pattern.match(prompt)
+            if m and m.group(1) in world.facts:
+                return m.group(1)
+        raise ValueError(f"case {req.case_id}: no subject found in {prompt!r}")
+
+    return [
+        r.model_copy(
+            update={
+                "paraphrase_prompts": [],
+                "neighborhood_prompts": [
+                    p for p in r.neighborhood_prompts if subject_of(r, p) not in edited
+                ],
+            }
+        )
+        for r in reqs
+    ]
 
 
 def main() -> None:
@@ -175,6 +219,18 @@ def main() -> None:
             },
         }
         row |= {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
+        untouched = unedited_neighbourhoods(bundle.world, reqs)
+        row["neighbours_unedited"] = round(
+            sum(len(r.neighborhood_prompts) for r in untouched)
+            / max(1, sum(len(r.neighborhood_prompts) for r in reqs)),
+            3,
+        )
+        if row["neighbours_unedited"] > 0:
+            ns = summarise_counterfact(
+                counterfact_case_metrics(bundle.model, bundle.tokenizer, untouched)
+            )["NS"]
+            na = summarise_zsre(zsre_case_metrics(bundle.model, bundle.tokenizer, untouched))["NA"]
+            row |= {"NS_unedited": round(ns, 2), "NA_unedited": round(na, 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     payload = {
