@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from collabedit.cli import write_json
 from collabedit.models import arch
 from collabedit.world.store import load_world
 
@@ -57,8 +58,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":
