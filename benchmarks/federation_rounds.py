@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from collabedit.federation.config import ServerSettings, quiet_flower_env
-from collabedit.federation.engine import memit_setup
 from collabedit.federation.simulation import (
+    federation_setup,
     inprocess_reference,
     rel_diff,
     secagg_sum_error,
@@ -36,12 +36,10 @@ def condition_number(settings: ServerSettings, state: Path) -> float:
     """cond(lambda C + sum S) of round 0 at the first edited layer, from the server's files."""
     from collabedit.collab.update import load_update
 
-    _, _, cfg, covs, _ = memit_setup(
-        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
-    )
+    setup = federation_setup(settings)
     incoming = sorted((state / "incoming" / "round-0").glob("*.safetensors"))
-    layer = cfg.layers[0]
-    total = cfg.mom2_update_weight * covs[layer].double()
+    layer = setup.layers[0]
+    total = setup.regulariser[layer].double()
     for p in incoming:
         total = total + load_update(p).layers[layer].S.double()
     ev = torch.linalg.eigvalsh(total)
@@ -102,7 +100,8 @@ def run_deployment(name: str, settings: ServerSettings, clients: int, edits: int
             "wall_seconds": round(wall, 1),
             "bytes_received": report["bytes_received"],
         }
-        _, _, cfg, _, base = memit_setup(s.model, s.layer_list(), s.preset, s.mom2_samples)
+        setup = federation_setup(s)
+        cfg, base = setup.cfg, setup.base_weights
         saved = load_file(str(state / "global" / "round-1.safetensors"))
         fed = {layer: saved[f"layer.{layer}.weight"] for layer in cfg.layers}
         per = [requests[i * edits : (i + 1) * edits] for i in range(clients)]
@@ -143,7 +142,7 @@ def main() -> None:
     base = ServerSettings(
         model=args.model, mom2_samples=args.mom2_samples, min_clients=args.clients
     )
-    memit_setup(base.model, None, "", base.mom2_samples)  # statistics once, cached for all
+    federation_setup(base)  # statistics once, cached for all
     configs = {
         "inprocess": (run_inprocess, base),
         "sim-full": (run_simulation, base),
@@ -161,7 +160,7 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    _, _, cfg, _, _ = memit_setup(base.model, None, "", base.mom2_samples)
+    cfg = federation_setup(base).cfg
     payload = {
         "results": results,
         "config": {

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -21,10 +19,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from collabedit import io
 from collabedit.federation.cli import federate_app  # imports no Flower until a command runs
 
 app = typer.Typer(
-    help="Collaborative, non-destructive knowledge editing (CollabEdit) on MEMIT-style editors.",
+    help="Collaborative, non-destructive knowledge editing (CollabEdit) with registered editors.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
@@ -36,10 +35,12 @@ requests_app = typer.Typer(
 )
 client_app = typer.Typer(help="A client's side of a collaborative round.", no_args_is_help=True)
 server_app = typer.Typer(help="The server's side of a collaborative round.", no_args_is_help=True)
+editors_app = typer.Typer(help="The registered knowledge-editing back-ends.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(requests_app, name="requests")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
+app.add_typer(editors_app, name="editors")
 app.add_typer(federate_app, name="federate")
 
 
@@ -58,8 +59,14 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="HF model id, local model folder, or 'world'.")
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
-PresetOpt = Annotated[str | None, typer.Option("--preset", help="world, gpt2-xl, gpt-j.")]
-HparamsOpt = Annotated[Path | None, typer.Option(help="EasyEdit MEMIT YAML.")]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="Editor preset, e.g. world, gpt2-xl, gpt-j (editors list)."),
+]
+HparamsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Hyper-parameters in the editor's published format (MEMIT: EasyEdit YAML)."),
+]
 LayersOpt = Annotated[str | None, typer.Option(help="Comma-separated layers.")]
 
 
@@ -75,18 +82,14 @@ def _progress() -> Progress:
     )
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+write_json = io.write_json  # atomic: a reader never sees half a file
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    """Print `message` (which may quote user text: never read as markup) and exit 1."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "red"), message))
     return typer.Exit(code=1)
 
 
@@ -148,11 +151,51 @@ def eval_cmd(
         write_json(json_out, {"model": model, "requests": str(requests), "metrics": result})
 
 
+def _method_params(items: list[str] | None, method: str | None = None) -> dict:
+    """--param values: `key=value` for one method (server merge), or `method.key=value` (demo,
+    bench); values read as JSON when they parse. Validated against the methods' declarations."""
+    from collabedit.bench import parse_overrides
+    from collabedit.collab.merge import get_method
+
+    try:
+        flat = parse_overrides(items or [])
+        if method is not None:
+            get_method(method).config(**flat)
+            return flat
+        nested: dict[str, dict] = {}
+        for key, value in flat.items():
+            name, dot, field = key.partition(".")
+            if not dot:
+                raise ValueError(f"--param {key}=...: write METHOD.NAME=VALUE, e.g. ties.top_k=0.2")
+            nested.setdefault(name.replace("_", "-"), {})[field] = value
+        for name, params in nested.items():
+            get_method(name).config(**params)
+        return nested
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _editor_help() -> str:
+    return "Registered editor (`collabedit editors list`)."
+
+
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", help="Merge-method parameter, repeatable (see `collabedit methods`)."),
+]
+EditorOpt = Annotated[str | None, typer.Option("--editor", help=_editor_help())]
+
+
 @app.command()
 def demo(
     clients: Annotated[int, typer.Option(help="Number of clients.")] = 10,
     edits_per_client: Annotated[int, typer.Option(help="Private requests per client.")] = 10,
     seed: int = 0,
+    editor: Annotated[str, typer.Option(help=_editor_help())] = "memit-frozen",
+    params: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
+    ] = None,
     fidelity: Annotated[bool, typer.Option(help="Also measure one-shot/layer-sync.")] = True,
     json_out: JsonOpt = None,
 ) -> None:
@@ -161,34 +204,41 @@ def demo(
     N clients edit their private requests; the server merges with CollabEdit and the destructive
     baselines; prints the paper's Table 1 layout and the merge fidelity against Global-Edit.
     """
-    from collabedit.collab.simulate import METHOD_ROWS, run_demo
+    from collabedit.bench.demo import method_rows, run_demo
     from collabedit.world.store import load_world
 
-    result = run_demo(
-        load_world(),
-        clients,
-        edits_per_client,
-        seed=seed,
-        fidelity=fidelity,
-        log=lambda m: console.print(m, style="dim"),
-    )
+    method_params = _method_params(params)
+    try:
+        result = run_demo(
+            load_world(),
+            clients,
+            edits_per_client,
+            seed=seed,
+            editor=editor,
+            method_params=method_params,
+            fidelity=fidelity,
+            log=lambda m: console.print(m, style="dim", markup=False),
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
     table = Table(
-        title=f"{clients} clients x {edits_per_client} edits on the embedded world "
+        title=f"{clients} clients x {edits_per_client} edits on the embedded world, {editor} "
         "(CounterFact-style | zsRE-style), percent"
     )
     table.add_column("method")
     columns = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "zsRE_Score"]
     for c in columns:
         table.add_column(c if c != "zsRE_Score" else "Score", justify="right")
-    for row in METHOD_ROWS:
+    for row in method_rows():
         m = result["methods"][row]
         table.add_row(row, *(f"{m[c]:.1f}" for c in columns))
     out.print(table)
     fid = result["fidelity"]
-    out.print(
-        "fidelity, max over layers of ||D_collab - D_global|| / ||D_global||: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in fid.items())
-    )
+    if fid:
+        out.print(
+            "fidelity, max over layers of ||D_collab - D_global|| / ||D_global||: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in fid.items())
+        )
     if json_out:
         write_json(json_out, result)
 
@@ -205,6 +255,11 @@ def bench(
         list[str] | None, typer.Option("--set", help="key=value (JSON values), repeatable.")
     ] = None,
     world: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    editor: Annotated[str, typer.Option(help=_editor_help())] = "memit-frozen",
+    params: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
+    ] = None,
     show_config: Annotated[bool, typer.Option(help="Print the settings and stop.")] = False,
     json_out: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG figure.")] = None,
@@ -212,28 +267,39 @@ def bench(
     """Run one of the paper's experiments in-process on the embedded world."""
     from pydantic import ValidationError
 
-    from collabedit.bench import BENCHES, make_config, parse_overrides, run_bench
+    from collabedit.bench import BENCHES, make_config, run_bench
     from collabedit.bench.lab import Lab
     from collabedit.world.store import load_world
 
     try:
-        cfg = make_config(name, parse_overrides(settings or []))
+        cfg = make_config(name, _parse_settings(settings))
     except (ValueError, ValidationError) as exc:
         raise _fail(str(exc)) from exc
     if show_config:
-        out.print(json.dumps(cfg.model_dump(), indent=1))
+        out.print(json.dumps(cfg.model_dump(), indent=1), markup=False)
         return
+    method_params = _method_params(params)
     try:
         bundle = load_world(world)
-    except FileNotFoundError as exc:
+        lab = Lab.open(bundle, editor=editor, method_params=method_params)
+    except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    result = run_bench(name, Lab.open(bundle), cfg, log=lambda m: console.print(m, style="dim"))
-    out.print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
+    log = lambda m: console.print(m, style="dim", markup=False)  # noqa: E731
+    result = run_bench(name, lab, cfg, log=log)
+    out.print(
+        json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1), markup=False
+    )
     if json_out:
         write_json(json_out, result)
     if plot:
         BENCHES[name].plot(result, cfg, plot)
-        out.print(f"figure written to {plot}")
+        out.print(f"figure written to {plot}", markup=False)
+
+
+def _parse_settings(items: list[str] | None) -> dict:
+    from collabedit.bench import parse_overrides
+
+    return parse_overrides(items or [])
 
 
 def _layers_opt(text: str | None) -> list[int] | None:
@@ -255,20 +321,23 @@ def stats(
         str | None, typer.Option(help="'world', a text file, or an HF dataset id.")
     ] = None,
     samples: Annotated[int | None, typer.Option(help="Texts to read.")] = None,
+    editor: Annotated[str, typer.Option(help="Editor whose preset picks the defaults.")] = "memit",
     cache: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Collect (or reuse) covariance statistics C = E(k k^T) of the edited layers."""
-    from collabedit.editors import default_config
-    from collabedit.models import arch
+    from collabedit.editors import get_editor, make_config
     from collabedit.models.loading import load_model
     from collabedit.stats import layer_stats
 
     lm, tok = load_model(model)
-    cfg = default_config(lm)
-    chosen = arch.check_layers(lm, _layers_opt(layers) or cfg.layers or arch.default_layers(lm))
-    corpus = corpus or cfg.mom2_dataset
-    samples = samples or cfg.mom2_n_samples
+    try:
+        cfg = make_config(get_editor(editor), lm, layers=_layers_opt(layers))
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    chosen = cfg.layers
+    corpus = corpus or getattr(cfg, "mom2_dataset", None) or "world"
+    samples = samples or getattr(cfg, "mom2_n_samples", None) or 100_000
     start = time.perf_counter()
     with _progress() as bar:
         task = bar.add_task("statistics", total=samples)
@@ -297,12 +366,40 @@ def stats(
         write_json(json_out, {"model": model, "layers": rows})
 
 
+def _bar_progress(bar: Progress):
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return progress
+
+
+def _open_setup(model, editor, preset_name, hparams, layers, bar, origin=None):
+    from collabedit.collab.setup import EditingSetup
+
+    try:
+        return EditingSetup.open(
+            model,
+            editor,
+            preset=preset_name,
+            hparams=hparams,
+            layers=_layers_opt(layers),
+            origin_fingerprint=origin,
+            progress=_bar_progress(bar),
+        )
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+
+
 @app.command("edit")
 def edit_cmd(
     model: ModelOpt,
     requests: Annotated[Path, typer.Option("--requests", "-r", help="Request file.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder (model) or file (--delta).")],
-    editor: Annotated[str, typer.Option(help="memit or memit-frozen.")] = "memit",
+    editor: Annotated[str, typer.Option(help=_editor_help())] = "memit",
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
@@ -310,28 +407,20 @@ def edit_cmd(
     format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
     json_out: JsonOpt = None,
 ) -> None:
-    """Edit a model with MEMIT (one party, all requests: Global-Edit)."""
+    """Edit a model with one editor (one party, all requests: Global-Edit)."""
 
     from collabedit.deltas import save_deltas
-    from collabedit.editors import apply_edits
+    from collabedit.editors import closed_form_edit
     from collabedit.models import arch
-    from collabedit.models.loading import load_model
+    from collabedit.models.loading import save_model
 
     reqs = _load_requests_or_exit(requests, format)
-    lm, tok = load_model(model)
-    cfg = _memit_config(lm, preset_name, hparams, layers)
-    chosen = cfg.layers
-    base_fp = arch.fingerprint(lm, chosen)
     with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+        setup = _open_setup(model, editor, preset_name, hparams, layers, bar)
+        base_fp = arch.fingerprint(setup.model, setup.layers)
         try:
-            result = apply_edits(lm, tok, reqs, editor=editor, config=cfg, progress=progress)
+            session = setup.session(reqs, _bar_progress(bar))
+            result = closed_form_edit(session, setup.regulariser, apply=True)
         except ValueError as exc:
             raise _fail(str(exc)) from exc
     info = {
@@ -351,44 +440,14 @@ def edit_cmd(
             info,
         )
     else:
-        _save_model(lm, tok, model, out_dir)
+        save_model(setup.model, setup.tokenizer, out_dir, model)
     out.print(
-        f"{len(reqs)} requests edited with {editor} into layers {list(chosen)} "
-        f"in {result.timings['total']:.1f} s; written to {out_dir}"
+        f"{len(reqs)} requests edited with {editor} into layers {setup.layers} "
+        f"in {result.timings['total']:.1f} s; written to {out_dir}",
+        markup=False,
     )
     if json_out:
-        write_json(json_out, info | {"layers": list(chosen), "out": str(out_dir)})
-
-
-def _save_model(lm, tok, source: str, out_dir: Path) -> None:
-    """save_pretrained (safetensors); an edited world stays a world (its world.json comes too)."""
-    import shutil
-
-    from collabedit.models.loading import resolve_model_path
-
-    lm.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    world_json = Path(resolve_model_path(source)) / "world.json"
-    if world_json.is_file():
-        shutil.copy(world_json, out_dir / "world.json")
-
-
-def _memit_config(lm, preset_name: str | None, hparams: Path | None, layers: str | None):
-    """Preset (or the model's default), then an EasyEdit YAML, then --layers; validated."""
-    from collabedit.editors import default_config, preset
-    from collabedit.editors.memit import from_easyedit_yaml
-    from collabedit.models import arch
-
-    try:
-        cfg = preset(preset_name) if preset_name else default_config(lm)
-        if hparams:
-            cfg = from_easyedit_yaml(hparams, cfg)
-        if layers:
-            cfg = cfg.model_copy(update={"layers": _layers_opt(layers)})
-        chosen = arch.check_layers(lm, cfg.layers or arch.default_layers(lm))
-    except (ValueError, OSError) as exc:
-        raise _fail(str(exc)) from exc
-    return cfg.model_copy(update={"layers": list(chosen)})
+        write_json(json_out, info | {"layers": setup.layers, "out": str(out_dir)})
 
 
 @client_app.command("edit")
@@ -400,7 +459,7 @@ def client_edit(
         Path | None, typer.Option(help="The server's state folder (round, base model).")
     ] = None,
     client_id: Annotated[str, typer.Option(help="This client's id.")] = "client",
-    editor: Annotated[str, typer.Option(help="memit-frozen or memit.")] = "memit-frozen",
+    editor: EditorOpt = None,
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
@@ -414,64 +473,70 @@ def client_edit(
     ] = 0.01,
     json_out: JsonOpt = None,
 ) -> None:
-    """Edit private requests locally; write only P = R K^T, S = K K^T and the local delta."""
-    from collabedit.collab.protocol import Client, check_overlap, client_update
+    """Edit private requests locally; write only P = R K^T, S = K K^T (and the local delta when
+    the federation's merge method needs it). Default editor: the federation's, else
+    memit-frozen."""
+    from collabedit.collab.merge import get_method
+    from collabedit.collab.rounds import NothingToEdit, RoundInfo, client_round
     from collabedit.collab.state import load_state
-    from collabedit.models import arch
-    from collabedit.models.loading import load_model
-    from collabedit.stats import layer_stats
 
     reqs = _load_requests_or_exit(requests, format)
-    lm, tok = load_model(model)
-    cfg = _memit_config(lm, preset_name, hparams, layers)
-    round_no = 0
+    info, send_delta = None, True
     if round_state is not None:
         try:
             state, _ = load_state(round_state)
         except (OSError, ValueError) as exc:
             raise _fail(str(exc)) from exc
-        if state.layers != cfg.layers:
-            raise _fail(f"the server edits layers {state.layers}, not {cfg.layers}")
-        if arch.fingerprint(lm, state.layers) != state.base_fingerprint:
-            raise _fail(f"{model} is not the global model of round {state.round}")
-        round_no = state.round
-    covs = {
-        k: s.mom2
-        for k, s in layer_stats(lm, tok, cfg.layers, cfg.mom2_dataset, cfg.mom2_n_samples).items()
-    }
-    try:
-        z = None
-        report = {}
-        if overlap_threshold > 0:
-            check = check_overlap(lm, tok, reqs, cfg, overlap_threshold)
-            report = {
-                "residuals": check.residuals,
-                "skipped_case_ids": [r.case_id for r in check.skipped],
-            }
-            for r in check.skipped:
-                console.print(
-                    f"[yellow]skipped[/yellow] case {r.case_id} ({r.subject!r} -> "
-                    f"{r.target_new!r}): already known, residual "
-                    f"{check.residuals[r.case_id]:.2e} < {overlap_threshold}"
-                )
-            if not check.keep:
-                raise ValueError("every request is already known to the model: nothing to send")
-            reqs, z = check.keep, check.z_keep
-        update = client_update(lm, tok, Client(client_id, reqs), cfg, covs, editor, round_no, z=z)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
-    update.save(out_file)
+        info = RoundInfo.from_state(state)
+        send_delta = "delta" in get_method(state.method).client_sends
+        editor = editor or state.editor or None
+    editor = editor or "memit-frozen"
+    if info is not None and layers is None:
+        layers = ",".join(map(str, info.layers))
+    with _progress() as bar:
+        origin = info.origin_fingerprint if info is not None else None
+        setup = _open_setup(model, editor, preset_name, hparams, layers, bar, origin)
+        try:
+            cr = client_round(
+                setup,
+                reqs,
+                client_id,
+                info,
+                overlap_threshold=overlap_threshold,
+                send_delta=send_delta,
+                progress=_bar_progress(bar),
+            )
+        except NothingToEdit as exc:
+            raise _fail(str(exc)) from exc
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+    for r in cr.skipped:
+        console.print(
+            f"skipped case {r.case_id} ({r.subject!r} -> {r.target_new!r}): already known, "
+            f"residual {cr.residuals[r.case_id]:.2e} < {overlap_threshold}",
+            style="yellow",
+            markup=False,
+        )
+    cr.update.save(out_file)
+    round_no = cr.update.round
     out.print(
-        f"{client_id}: {len(reqs)} requests -> {out_file} (round {round_no}, layers "
-        f"{cfg.layers}, editor {editor})"
+        f"{client_id}: {len(cr.edited)} requests -> {out_file} (round {round_no}, layers "
+        f"{setup.layers}, editor {editor})",
+        markup=False,
     )
     if json_out:
+        report = {}
+        if overlap_threshold > 0:
+            report = {
+                "residuals": cr.residuals,
+                "skipped_case_ids": [r.case_id for r in cr.skipped],
+            }
         write_json(
             json_out,
             {
                 "client_id": client_id,
                 "round": round_no,
-                "edited": len(reqs),
+                "edited": len(cr.edited),
                 "update": str(out_file),
                 **report,
             },
@@ -484,18 +549,18 @@ def server_merge(
     updates: Annotated[list[Path], typer.Option("--updates", help="Client update files.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
     method: Annotated[
-        str, typer.Option(help="collabedit, ties, task-arithmetic, simple-average.")
+        str, typer.Option(help="Merge method (`collabedit methods`).")
     ] = "collabedit",
+    params: ParamOpt = None,
     state_dir: Annotated[Path | None, typer.Option("--state", help="Server state folder.")] = None,
-    lam: Annotated[float, typer.Option(help="Scale for ties / task-arithmetic.")] = 1.0,
-    top_k: Annotated[float, typer.Option(help="Share kept by ties.")] = 0.2,
     beta1: Annotated[
         float,
         typer.Option(
-            help="Weight of earlier rounds' K K^T in the covariance (1: dynamic, as new edits "
-            "weigh; 0: immutable lambda C_0)."
+            help="Weight of earlier rounds' K K^T in the regulariser (1: dynamic, as new edits "
+            "weigh; 0: immutable A0 = lambda C_0)."
         ),
     ] = 1.0,
+    editor: EditorOpt = None,
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
@@ -503,35 +568,37 @@ def server_merge(
 ) -> None:
     """Merge client updates into the global model; bad updates are rejected one by one."""
 
-    from collabedit.collab.merge import METHODS
-    from collabedit.collab.server import merge_round, open_state
-    from collabedit.collab.state import save_state
-    from collabedit.models.loading import load_model
-    from collabedit.stats import layer_stats
+    from collabedit.collab.rounds import commit_round, open_state, server_round
+    from collabedit.collab.state import STATE_FILE, load_state
 
-    if method not in METHODS:
-        raise _fail(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    lm, tok = load_model(model)
-    cfg = _memit_config(lm, preset_name, hparams, layers)
-    beta0 = cfg.mom2_update_weight
-    state, sums = open_state(state_dir, lm, cfg.layers, method, beta0, beta1)
-    covs = {
-        k: s.mom2
-        for k, s in layer_stats(lm, tok, cfg.layers, cfg.mom2_dataset, cfg.mom2_n_samples).items()
-    }
-    params = {"ties": {"lam": lam, "top_k": top_k}, "task-arithmetic": {"lam": lam}}
+    method_params = _method_params(params, method)
+    origin = None
+    if state_dir is not None and (state_dir / STATE_FILE).is_file():
+        try:
+            saved, _ = load_state(state_dir)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from exc
+        origin = saved.origin_fingerprint
+        editor = editor or saved.editor or None
+        if layers is None:
+            layers = ",".join(map(str, saved.layers))
+    editor = editor or "memit-frozen"
+    with _progress() as bar:
+        setup = _open_setup(model, editor, preset_name, hparams, layers, bar, origin)
     try:
-        outcome = merge_round(lm, updates, state, sums, covs, method, **params.get(method, {}))
+        state, sums = open_state(state_dir, setup, method, beta1)
+        outcome = server_round(
+            setup.model, updates, state, sums, setup.regulariser, method, method_params
+        )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     for reason in outcome.rejected.values():
-        console.print(f"[yellow]rejected[/yellow] {reason}")
-    _save_model(lm, tok, model, out_dir)
-    if state_dir is not None:
-        save_state(state_dir, outcome.state, outcome.sum_s)  # last: a crash before reruns
+        console.print(f"rejected {reason}", style="yellow", markup=False)
+    commit_round(setup, outcome, out_dir, state_dir)
     out.print(
         f"round {state.round}: merged {len(outcome.accepted)} update(s) with {method}, "
-        f"rejected {len(outcome.rejected)}; model written to {out_dir}"
+        f"rejected {len(outcome.rejected)}; model written to {out_dir}",
+        markup=False,
     )
     if json_out:
         write_json(
@@ -541,9 +608,51 @@ def server_merge(
                 "accepted": outcome.accepted,
                 "rejected": outcome.rejected,
                 "method": method,
+                "params": method_params,
                 "state": outcome.state.model_dump(),
             },
         )
+
+
+@editors_app.command("list")
+def editors_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The registered knowledge-editing back-ends and their config fields."""
+    from collabedit.editors import registry
+
+    described = [e.describe() for e in registry().values()]
+    if as_json:
+        print(json.dumps(described, indent=1))
+        return
+    for d in described:
+        table = Table(title=f"{d['name']}: {d['summary']}", title_justify="left")
+        for c in ("field", "default", "description"):
+            table.add_column(c)
+        for k, f in d["config"].items():
+            table.add_row(k, json.dumps(f["default"]), f["description"])
+        out.print(table)
+        out.print(f"presets: {', '.join(d['presets']) or 'none'}", markup=False)
+
+
+@app.command("methods")
+def methods_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The registered merge methods, what they need from clients, and their parameters."""
+    from collabedit.collab.merge import METHODS
+
+    described = [m.describe() for m in METHODS.values()]
+    if as_json:
+        print(json.dumps(described, indent=1))
+        return
+    table = Table(title="merge methods")
+    for c in ("method", "clients send", "parameters", "summary"):
+        table.add_column(c)
+    for d in described:
+        ps = ", ".join(f"{k}={v['default']}" for k, v in d["params"].items()) or "-"
+        table.add_row(d["name"], ", ".join(d["needs"]), ps, d["summary"])
+    out.print(table)
 
 
 @world_app.command("info")
@@ -649,10 +758,11 @@ def world_requests_cmd(
     path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
 ) -> None:
     """Export requests of the world in a published layout."""
+    from collabedit.paths import DEFAULT_WORLD_DIR
     from collabedit.requests import FORMATS, save_requests
     from collabedit.world.edit_requests import world_requests
     from collabedit.world.generator import World
-    from collabedit.world.store import DEFAULT_WORLD_DIR, WORLD_FILE
+    from collabedit.world.store import WORLD_FILE
 
     if format not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")

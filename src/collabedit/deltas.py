@@ -7,15 +7,13 @@ to a model it was not computed for.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from collabedit import io
 from collabedit.linalg import check_finite
 from collabedit.models import arch
 
@@ -40,10 +38,7 @@ def save_deltas(
         "info": json.dumps(info),
     }
     tensors = {f"layer.{layer}.delta": d.float().contiguous() for layer, d in deltas.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    io.write_safetensors(path, tensors, meta)
 
 
 def load_deltas(path: Path) -> tuple[dict[int, torch.Tensor], dict]:

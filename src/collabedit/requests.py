@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from collabedit import io
 
 __all__ = [
     "FORMATS",
@@ -578,26 +579,6 @@ def _zsre_record(request: EditRequest) -> dict[str, Any]:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old file or the new one, never half.
-
-    The temporary file lives in the same folder because os.replace is only atomic within one
-    file system.
-    """
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)  # mkstemp creates 0600; keep the permissions a file would get
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def save_requests(
     requests: Iterable[EditRequest], path: str | os.PathLike[str], format: str
 ) -> None:
@@ -626,4 +607,4 @@ def save_requests(
     else:
         convert = _mcf_record if format == "mcf" else _zsre_record
         text = json.dumps([convert(r) for r in items], ensure_ascii=False, indent=2) + "\n"
-    _atomic_write_text(Path(path), text)
+    io.write_text(Path(path), text)

@@ -7,9 +7,9 @@ batches, accumulated in float64, and cached on disk keyed by the model's fingerp
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from collabedit import io
 from collabedit.models import arch
 from collabedit.models.tracing import capture_mlp_inputs, pad_batch
 
@@ -40,12 +40,31 @@ class LayerStats:
     meta: dict
 
 
+# Corpora other packages provide, by name: "module:function", imported on first use, called with
+# the model's folder (or None) and returning its texts. The world's corpus is its own sentences,
+# so it comes from the world package; this module does not import it.
+CORPORA: dict[str, str] = {"world": "collabedit.world.corpus:world_sentences"}
+
+
+def register_corpus(name: str, provider: str | Callable[[Path | None], Iterable[str]]) -> None:
+    CORPORA[name] = provider  # type: ignore[assignment]
+
+
+def _provider(name: str) -> Callable[[Path | None], Iterable[str]] | None:
+    ref = CORPORA.get(name)
+    if ref is None or callable(ref):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def iter_corpus(
-    corpus: str, limit: int | None = None, world_dir: str | os.PathLike[str] | None = None
+    corpus: str, limit: int | None = None, model_dir: str | os.PathLike[str] | None = None
 ) -> Iterator[str]:
-    """Texts of a corpus: `world` (the sentences of the world in `world_dir`, by default the
-    shipped one), a local text file (one text per line), or a Hugging Face dataset id such as
-    `wikitext:wikitext-103-raw-v1` (needs the `datasets` package and a reachable hub)."""
+    """Texts of a corpus: a registered name (`world`: the sentences of the world the model in
+    `model_dir` was trained on, by default the shipped one), a local text file (one text per
+    line), or a Hugging Face dataset id such as `wikitext:wikitext-103-raw-v1` (needs the
+    `datasets` package and a reachable hub)."""
     count = 0
 
     def limited(texts: Iterable[str]) -> Iterator[str]:
@@ -59,12 +78,9 @@ def iter_corpus(
             count += 1
             yield t
 
-    if corpus == "world":
-        from collabedit.world.generator import World
-        from collabedit.world.store import DEFAULT_WORLD_DIR, WORLD_FILE
-
-        folder = Path(world_dir) if world_dir is not None else DEFAULT_WORLD_DIR
-        yield from limited(World.load(folder / WORLD_FILE).sentences())
+    provider = _provider(corpus)
+    if provider is not None:
+        yield from limited(provider(Path(model_dir) if model_dir is not None else None))
     elif Path(corpus).is_file():
         with open(corpus, encoding="utf-8") as f:
             yield from limited(f)
@@ -73,8 +89,8 @@ def iter_corpus(
             import datasets
         except ImportError as exc:
             raise ValueError(
-                f"corpus {corpus!r} is neither 'world' nor a local file; loading it as a Hugging "
-                "Face dataset needs `pip install datasets`"
+                f"corpus {corpus!r} is neither {' nor '.join(map(repr, CORPORA))} nor a local "
+                "file; loading it as a Hugging Face dataset needs `pip install datasets`"
             ) from exc
         name, _, config = corpus.partition(":")
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
@@ -153,10 +169,7 @@ def save_stats(path: Path, stats: LayerStats) -> None:
         "layer": str(stats.layer),
         "count": str(stats.count),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=path.parent)
-    os.close(fd)
-    save_file({"mom2": stats.mom2.contiguous()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    io.write_safetensors(path, {"mom2": stats.mom2}, meta)
 
 
 def load_stats(path: Path, expect_fingerprint: str | None = None) -> LayerStats:
@@ -174,6 +187,15 @@ def load_stats(path: Path, expect_fingerprint: str | None = None) -> LayerStats:
     return LayerStats(int(meta["layer"]), mom2, int(meta["count"]), info)
 
 
+# Statistics already read in this process, by cache file: a federation or an experiment asks for
+# the same C_0 every round.
+_MEMO: dict[Path, LayerStats] = {}
+
+
+class MissingStatsError(FileNotFoundError):
+    """The statistics of a base model other than the one at hand are not in the cache."""
+
+
 def layer_stats(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -183,26 +205,39 @@ def layer_stats(
     cache_dir: Path | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    fingerprint: str | None = None,
 ) -> dict[int, LayerStats]:
-    """Cached statistics for `layers`; collects (one pass for all missing layers) when absent."""
+    """Cached statistics for `layers`; collects (one pass for all missing layers) when absent.
+
+    `fingerprint`: the whole-model fingerprint of the base model whose statistics are wanted
+    (a federation's round-0 model), when `model` is a later, edited version of it. They are
+    then read from the cache only: they cannot be collected on an edited model."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    fp = arch.fingerprint(model)
+    own = arch.fingerprint(model)
+    fp = fingerprint or own
     result: dict[int, LayerStats] = {}
     missing = []
     for layer in layers:
         path = _cache_file(cache_dir, fp, layer, corpus, samples)
-        if path.is_file():
-            result[layer] = load_stats(path, expect_fingerprint=fp)
+        if path in _MEMO:
+            result[layer] = _MEMO[path]
+        elif path.is_file():
+            result[layer] = _MEMO[path] = load_stats(path, expect_fingerprint=fp)
         else:
             missing.append(layer)
+    if missing and fp != own:
+        raise MissingStatsError(
+            f"the statistics of the base model {fp} (layers {missing}, corpus {corpus!r}, "
+            f"{samples} texts) are not in {cache_dir}; collect them once on the base model "
+            "with `collabedit stats --model BASE`"
+        )
     if missing:
         start = time.perf_counter()
         source = Path(str(getattr(model.config, "_name_or_path", "")))
-        world_dir = source if (source / "world.json").is_file() else None
         fresh = collect_stats(
             model,
             tokenizer,
-            iter_corpus(corpus, samples, world_dir),
+            iter_corpus(corpus, samples, source if source.is_dir() else None),
             missing,
             batch_size=batch_size,
             progress=progress,
@@ -216,6 +251,7 @@ def layer_stats(
                 "seconds": seconds,
                 "module": arch.mlp_out_name(model, layer),
             }
-            save_stats(_cache_file(cache_dir, fp, layer, corpus, samples), st)
-            result[layer] = st
+            path = _cache_file(cache_dir, fp, layer, corpus, samples)
+            save_stats(path, st)
+            result[layer] = _MEMO[path] = st
     return result

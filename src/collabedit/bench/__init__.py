@@ -72,7 +72,8 @@ def run_bench(name: str, lab: Lab, cfg: BenchConfig, log: Log = print) -> dict:
     return {
         "bench": name,
         "config": cfg.model_dump(),
-        "memit": {"layers": lab.layers, "lambda": lab.cfg.mom2_update_weight},
+        "editor": lab.setup.editor.name,
+        "editor_config": lab.cfg.model_dump(),
         "model": str(lab.bundle.path),
         "seconds": round(time.perf_counter() - start, 1),
         **result,

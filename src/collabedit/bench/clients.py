@@ -6,23 +6,23 @@ import matplotlib.pyplot as plt
 from pydantic import Field
 
 from collabedit.bench.common import BenchConfig, method_lines, save_figure
-from collabedit.bench.lab import MERGE_METHODS, Lab, Log
+from collabedit.bench.lab import Lab, Log, merge_methods
 from collabedit.world.edit_requests import world_requests
 
 
 class ClientsConfig(BenchConfig):
     edits: int = Field(200, ge=1)
     client_counts: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 25, 50])
-    methods: list[str] = Field(default_factory=lambda: ["global", *MERGE_METHODS])
+    methods: list[str] = Field(default_factory=lambda: ["global", *merge_methods()])
 
 
 def run(lab: Lab, cfg: ClientsConfig, log: Log) -> dict:
     requests = world_requests(lab.bundle.world, cfg.edits, seed=cfg.seed, form=cfg.form)
-    z = lab.z(requests)  # one request set: its targets do not depend on who holds them
+    session = lab.session(requests)  # its targets do not depend on who holds the requests
     rows = []
     for n in cfg.client_counts:
         log(f"[clients] {cfg.edits} edits over {n} clients")
-        scores = lab.compare(requests, n, cfg.methods, cfg.keys, z=z, log=log)
+        scores = lab.compare(requests, n, cfg.methods, cfg.keys, session=session, log=log)
         rows += [{"clients": n, "method": m, **s} for m, s in scores.items()]
     return {"rows": rows}
 

@@ -27,7 +27,6 @@ from collabedit.bench.common import BenchConfig, save_figure
 from collabedit.bench.lab import Lab, Log
 from collabedit.collab.conflict import announce, find_clashes
 from collabedit.collab.protocol import apply_deltas
-from collabedit.editors.memit.compute import context_templates
 from collabedit.evaluate.scoring import score_targets
 from collabedit.world.edit_requests import world_conflict_pairs, world_requests
 
@@ -79,14 +78,14 @@ def run(lab: Lab, cfg: ConflictConfig, log: Log) -> dict:
     kept_ids = {r.case_id for r in kept}
     log(f"[conflict] stage 1: {len(conflicts)} conflicts among {len(announcements)} requests")
 
-    z = {id(g): lab.z(g) for g in (*plain_parts, side_a, side_b)}
+    sessions = {id(g): lab.session(g) for g in (*plain_parts, side_a, side_b)}
 
     def merge(groups: list[list]) -> None:
         """One CollabEdit round on the current model, one client per group."""
         updates = []
         for g in groups:
-            zg = z[id(g)] if id(g) in z else lab.z(g)
-            updates += lab.client_updates(g, 1, zg)
+            session = sessions[id(g)] if id(g) in sessions else lab.session(g)
+            updates += lab.client_updates(session, 1)
         apply_deltas(lab.model, lab.merge(updates, "collabedit"))
 
     rows: dict[str, dict] = {}
@@ -122,9 +121,10 @@ def run(lab: Lab, cfg: ConflictConfig, log: Log) -> dict:
     }
 
     log("[conflict] next round: kept side edited again with augmented context prompts")
-    aug = lab.cfg.model_copy(update={"context_template_length_params": [(5, cfg.augment_prefixes)]})
-    z_re = lab.z(kept, templates=context_templates(lab.model, lab.tok, aug))
-    apply_deltas(lab.model, lab.merge(lab.client_updates(kept, 1, z_re, round=1), "collabedit"))
+    # augmented requests: the editor's context prompts, more of them (an editor without
+    # context prompts in its config cannot be augmented this way, and says so)
+    re_edit = lab.session(kept, context_template_length_params=[(5, cfg.augment_prefixes)])
+    apply_deltas(lab.model, lab.merge(lab.client_updates(re_edit, 1, round=1), "collabedit"))
     rows["resolved"] = {
         "plain": lab.score(plain, cfg.keys),
         "kept_wins": _kept_wins(lab, kept, rivals),

@@ -30,9 +30,9 @@ def _rounds(lab: Lab, cfg: ForgettingConfig, beta1: float, chunks, log: Log) -> 
     sum_s: dict = {}
     rows = []
     for t, requests in enumerate(chunks):
-        z = lab.z(requests)  # on the global model of this round
-        updates = lab.client_updates(requests, min(cfg.clients, len(requests)), z, round=t)
-        deltas = lab.merge(updates, "collabedit", lab.weighted_covs(sum_s, beta1))
+        session = lab.session(requests)  # on the global model of this round
+        updates = lab.client_updates(session, min(cfg.clients, len(requests)), round=t)
+        deltas = lab.merge(updates, "collabedit", lab.weighted(sum_s, beta1))
         apply_deltas(lab.model, deltas)
         for layer in lab.layers:
             s = sum(u.layers[layer].S.double() for u in updates)

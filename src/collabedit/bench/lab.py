@@ -1,33 +1,39 @@
-"""What every in-process experiment needs: one world model, one MEMIT config and its statistics,
-and the moves the experiments are made of (split requests among clients, build their updates,
-merge by a method, apply, score, restore).
+"""What every in-process experiment needs: one world model, one editor with its config and
+regulariser, and the moves the experiments are made of (split requests among clients, build their
+updates with the one client round, merge by a method, apply, score, restore).
 
-Target vectors z depend only on a request and the model they are optimised on (and batched = one
-at a time), so an experiment optimises them once per request set and hands each client its slice.
+An editor session holds what depends only on the requests and the base model (MEMIT's target
+vectors), so an experiment makes one session per request set and hands each client its slice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from collabedit.collab.protocol import Client, apply_deltas, client_update, merge_updates
-from collabedit.editors.memit import MemitConfig, edit
-from collabedit.editors.memit.compute import ZResult, context_templates, optimise_z
-from collabedit.editors.memit.editor import restore
+from collabedit.collab.merge import METHODS
+from collabedit.collab.protocol import apply_deltas, merge_updates
+from collabedit.collab.rounds import RoundInfo, client_round
+from collabedit.collab.setup import EditingSetup
+from collabedit.editors import EditSession, closed_form_edit
+from collabedit.editors.base import EditorConfig
 from collabedit.evaluate.metrics import evaluate_requests
 from collabedit.models import arch
 from collabedit.requests import EditRequest
-from collabedit.stats import layer_stats
 from collabedit.world.store import WorldBundle
 
 CF_KEYS = ("ES", "PS", "NS", "Score")
 ZSRE_KEYS = ("EA", "PA", "NA", "zsRE_Score")
-MERGE_METHODS = ("collabedit", "ties", "task-arithmetic", "simple-average")
+DEFAULT_EDITOR = "memit-frozen"
 
 Log = Callable[[str], None]
+
+
+def merge_methods() -> tuple[str, ...]:
+    """Every registered merge method, CollabEdit first (the registry's order)."""
+    return tuple(METHODS)
 
 
 def split_evenly(n: int, parts: int) -> list[range]:
@@ -46,25 +52,23 @@ def split_evenly(n: int, parts: int) -> list[range]:
 @dataclass
 class Lab:
     bundle: WorldBundle
-    cfg: MemitConfig
-    layers: list[int]
-    covs: dict[int, torch.Tensor]
-    templates: list[list[str]]
-    base: dict[int, torch.Tensor]
-    ties_top_k: float = 0.2
-    merge_lam: float = 1.0
+    setup: EditingSetup
+    # parameters per merge method, e.g. {"ties": {"top_k": 0.2}}; the rest are the defaults
+    method_params: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, bundle: WorldBundle, cfg: MemitConfig | None = None, **kw) -> Lab:
-        from collabedit.editors import preset
-
-        cfg = cfg or preset("world")
-        model, tok = bundle.model, bundle.tokenizer
-        layers = list(arch.check_layers(model, cfg.layers or arch.default_layers(model)))
-        stats = layer_stats(model, tok, layers, cfg.mom2_dataset, cfg.mom2_n_samples)
-        covs = {layer: s.mom2 for layer, s in stats.items()}
-        base = {layer: arch.read_weight(model, layer) for layer in layers}
-        return cls(bundle, cfg, layers, covs, context_templates(model, tok, cfg), base, **kw)
+    def open(
+        cls,
+        bundle: WorldBundle,
+        cfg: EditorConfig | None = None,
+        editor: str = DEFAULT_EDITOR,
+        method_params: dict[str, dict] | None = None,
+    ) -> Lab:
+        overrides = cfg.model_dump() if cfg is not None else None
+        setup = EditingSetup.open((bundle.model, bundle.tokenizer), editor, overrides=overrides)
+        for name, params in (method_params or {}).items():
+            METHODS[name].config(**params) if name in METHODS else _unknown(name)
+        return cls(bundle, setup, dict(method_params or {}))
 
     @property
     def model(self):
@@ -74,104 +78,93 @@ class Lab:
     def tok(self):
         return self.bundle.tokenizer
 
-    def covariances(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """E[k k^T] of any layers (cached on disk like the lab's own)."""
-        missing = [layer for layer in layers if layer not in self.covs]
-        cfg = self.cfg
-        stats = layer_stats(self.model, self.tok, missing, cfg.mom2_dataset, cfg.mom2_n_samples)
-        return {
-            layer: self.covs[layer] if layer in self.covs else stats[layer].mom2 for layer in layers
-        }
+    @property
+    def cfg(self) -> EditorConfig:
+        return self.setup.cfg
 
-    def weighted_covs(
-        self,
-        extra_s: dict[int, torch.Tensor] | None = None,
-        beta1: float = 0.0,
-        covs: dict[int, torch.Tensor] | None = None,
-    ):
-        """lambda C_0 (+ beta1 * sum of earlier rounds' S: the dynamic covariance)."""
+    @property
+    def layers(self) -> list[int]:
+        return self.setup.layers
+
+    def weighted(
+        self, extra_s: dict[int, torch.Tensor] | None = None, beta1: float = 0.0
+    ) -> dict[int, torch.Tensor]:
+        """A0 (+ beta1 * sum of earlier rounds' S: the dynamic covariance)."""
         out = {}
-        for layer, c in (covs or self.covs).items():
-            w = self.cfg.mom2_update_weight * c.double()
+        for layer, a0 in self.setup.regulariser.items():
+            w = a0.double()
             if extra_s and layer in extra_s and beta1:
                 w = w + beta1 * extra_s[layer].double()
             out[layer] = w
         return out
 
-    def z(self, requests: Sequence[EditRequest], templates: list[list[str]] | None = None):
-        return optimise_z(
-            self.model, self.tok, requests, self.layers[-1], templates or self.templates, self.cfg
-        )
+    def session(self, requests: Sequence[EditRequest], **overrides) -> EditSession:
+        """The editor's session for `requests` on the model as it is now; `overrides` change
+        config fields for this session only (e.g. more context prompts)."""
+        if not overrides:
+            return self.setup.session(requests)
+        cfg = self.cfg.model_copy(update=overrides)
+        type(self.cfg)(**cfg.model_dump())  # validate the overrides
+        return self.setup.editor.session(self.model, self.tok, requests, cfg)
 
     def reset(self) -> None:
         """Back to the unedited base model."""
-        restore(self.model, self.base)
+        self.setup.reset()
 
     def snapshot(self) -> dict[int, torch.Tensor]:
-        return {layer: arch.read_weight(self.model, layer) for layer in self.layers}
+        return arch.snapshot(self.model, self.layers)
 
     def score(self, requests: Sequence[EditRequest], keys: Sequence[str] | None = None) -> dict:
         m = evaluate_requests(self.model, self.tok, requests)
         return {k: m[k] for k in (keys or m) if isinstance(m.get(k), float)}
 
-    def global_deltas(self, requests, z: ZResult) -> dict[int, torch.Tensor]:
-        result = edit(
-            self.model, self.tok, requests, self.cfg, self.covs, frozen=True, apply=False, z=z
-        )
+    def global_deltas(self, session: EditSession) -> dict[int, torch.Tensor]:
+        result = closed_form_edit(session, self.setup.regulariser, apply=False)
         return {e.layer: e.delta for e in result.layers}
 
-    def client_updates(
-        self, requests: Sequence[EditRequest], n_clients: int, z: ZResult, round: int = 0
-    ):
-        """memit-frozen updates of `n_clients` clients holding contiguous slices."""
+    def client_updates(self, session: EditSession, n_clients: int, round: int = 0):
+        """Updates of `n_clients` clients holding contiguous slices of the session's requests,
+        each built by the one client round on the model as it is."""
+        info = RoundInfo(round, arch.fingerprint(self.model, self.layers), tuple(self.layers))
         updates = []
-        for i, idx in enumerate(split_evenly(len(requests), n_clients)):
-            client = Client(f"client-{i}", [requests[j] for j in idx])
+        for i, idx in enumerate(split_evenly(len(session.requests), n_clients)):
+            part = session.select(idx)
             updates.append(
-                client_update(
-                    self.model,
-                    self.tok,
-                    client,
-                    self.cfg,
-                    self.covs,
-                    "memit-frozen",
-                    round=round,
-                    z=z.select(idx),
-                )
+                client_round(self.setup, part.requests, f"client-{i}", info, session=part).update
             )
         return updates
 
     def merge(self, updates, method: str, weighted=None) -> dict[int, torch.Tensor]:
-        params = {}
-        if method in ("ties", "task-arithmetic"):
-            params["lam"] = self.merge_lam
-        if method == "ties":
-            params["top_k"] = self.ties_top_k
-        return merge_updates(updates, weighted or self.weighted_covs(), method, **params)
+        params = self.method_params.get(method, {})
+        return merge_updates(updates, weighted or self.weighted(), method, **params)
 
     def compare(
         self,
         requests: Sequence[EditRequest],
         n_clients: int,
-        methods: Sequence[str] = ("global", *MERGE_METHODS),
+        methods: Sequence[str] | None = None,
         keys: Sequence[str] | None = None,
-        z: ZResult | None = None,
+        session: EditSession | None = None,
         log: Log | None = None,
     ) -> dict[str, dict]:
-        """Score of each method's result, each applied to the model as it is, then undone."""
+        """Score of each method's result ("global" = one party edits all), each applied to the
+        model as it is, then undone."""
+        methods = list(methods or ("global", *merge_methods()))
         start = self.snapshot()
-        z = z if z is not None else self.z(requests)
-        updates = self.client_updates(requests, n_clients, z) if set(methods) - {"global"} else []
+        session = session if session is not None else self.session(requests)
+        updates = self.client_updates(session, n_clients) if set(methods) - {"global"} else []
         out = {}
         for method in methods:
             deltas = (
-                self.global_deltas(requests, z)
-                if method == "global"
-                else self.merge(updates, method)
+                self.global_deltas(session) if method == "global" else self.merge(updates, method)
             )
             apply_deltas(self.model, deltas)
             out[method] = self.score(requests, keys)
-            restore(self.model, start)
+            arch.restore(self.model, start)
             if log:
                 log(f"{method}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[method].items()))
         return out
+
+
+def _unknown(name: str) -> None:
+    raise ValueError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}")

@@ -29,8 +29,8 @@ def run(lab: Lab, cfg: OverlapConfig, log: Log) -> dict:
     lab.reset()
     rows = []
     for r in range(cfg.repeats + 1):
-        z = lab.z(requests)
-        res = z.relative_residuals
+        session = lab.session(requests)
+        res = session.relative_residuals()
         row = {
             "times_edited_before": r,
             "residual_mean": float(res.mean()),
@@ -45,7 +45,7 @@ def run(lab: Lab, cfg: OverlapConfig, log: Log) -> dict:
             f"flagged {100 * row['flagged_share']:.0f}%"
         )
         if r < cfg.repeats:
-            updates = lab.client_updates(requests, min(cfg.clients, len(requests)), z, round=r)
+            updates = lab.client_updates(session, min(cfg.clients, len(requests)), round=r)
             apply_deltas(lab.model, lab.merge(updates, "collabedit"))
     lab.reset()
     return {"rows": rows}

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 from pydantic import Field
 
 from collabedit.bench.common import BenchConfig, method_lines, save_figure
-from collabedit.bench.lab import MERGE_METHODS, Lab, Log
+from collabedit.bench.lab import Lab, Log, merge_methods
 from collabedit.world.edit_requests import world_requests
 
 
@@ -18,19 +18,24 @@ class ScaleConfig(BenchConfig):
     # the shipped world has 400 subjects (one request each): its largest set
     counts: list[int] = Field(default_factory=lambda: [25, 50, 100, 200, 400])
     clients: int = Field(10, ge=1)
-    methods: list[str] = Field(default_factory=lambda: ["global", *MERGE_METHODS])
+    methods: list[str] = Field(default_factory=lambda: ["global", *merge_methods()])
 
 
 def run(lab: Lab, cfg: ScaleConfig, log: Log) -> dict:
     counts = sorted(cfg.counts)
     drawn = world_requests(lab.bundle.world, counts[-1], seed=cfg.seed, form=cfg.form)
     log(f"[scale] target vectors of {len(drawn)} requests")
-    z_all = lab.z(drawn)
+    session = lab.session(drawn)
     rows = []
     for n in counts:
         log(f"[scale] {n} edits over {min(cfg.clients, n)} clients")
         scores = lab.compare(
-            drawn[:n], min(cfg.clients, n), cfg.methods, cfg.keys, z=z_all.select(range(n)), log=log
+            drawn[:n],
+            min(cfg.clients, n),
+            cfg.methods,
+            cfg.keys,
+            session=session.select(range(n)),
+            log=log,
         )
         rows += [{"n": n, "method": m, **s} for m, s in scores.items()]
     return {"rows": rows}

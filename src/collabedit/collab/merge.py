@@ -1,8 +1,12 @@
 """Merge methods, each a small unit behind one interface and chosen by name (as mergekit does).
 
 A method sees, for one edited layer, what the clients sent: P_i = R_i K_i^T and S_i = K_i K_i^T
-(CollabEdit) and/or their local deltas Delta_i = P_i (lambda C + S_i)^-1 (the baselines), plus the
-server's lambda-weighted covariance lambda C. It returns the merged delta (d_out x d_in).
+(CollabEdit) and/or their local deltas Delta_i = P_i (A0 + S_i)^-1 (the baselines), plus the
+server's regulariser A (the editor's A0 = lambda C for MEMIT, kappa I for MALMEN, plus earlier
+rounds' keys with the dynamic covariance). It returns the merged delta (d_out x d_in).
+
+Each method declares what it needs from the clients (`needs`) and its parameters (`config_type`,
+pydantic); callers read both from here and never test a method's name.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class LayerInputs:
     P: Sequence[torch.Tensor] | None = None  # per client, d_out x d_in
     S: Sequence[torch.Tensor] | None = None  # per client, d_in x d_in
     deltas: Sequence[torch.Tensor] | None = None  # per client, d_out x d_in
-    weighted_cov: torch.Tensor | None = None  # lambda * C, d_in x d_in
+    weighted_cov: torch.Tensor | None = None  # the regulariser A, d_in x d_in
 
 
 class MergeConfig(BaseModel):
@@ -31,8 +35,48 @@ class MergeConfig(BaseModel):
 
 class MergeMethod:
     name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    # what the clients must send: "P", "S" (sums suffice) and/or "deltas"; "weighted_cov" is
+    # the server's own
     needs: ClassVar[tuple[str, ...]]
     config_type: ClassVar[type[MergeConfig]] = MergeConfig
+
+    @property
+    def streams(self) -> bool:
+        """True when only sums of what clients send are needed: the server adds each update
+        into running sums as it arrives and keeps none (and secure aggregation fits)."""
+        return set(self.needs) <= {"P", "S", "weighted_cov"}
+
+    @property
+    def client_sends(self) -> tuple[str, ...]:
+        """The update tensors a client must include ("P", "S", "delta")."""
+        return tuple("delta" if n == "deltas" else n for n in self.needs if n != "weighted_cov")
+
+    def config(self, **params) -> MergeConfig:
+        """The validated parameters; an unknown one is a ValueError naming the known ones."""
+        unknown = set(params) - set(self.config_type.model_fields)
+        if unknown:
+            known = ", ".join(self.config_type.model_fields) or "none"
+            raise ValueError(
+                f"merge method {self.name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+                f"its parameters: {known}"
+            )
+        return self.config_type(**params)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "needs": list(self.client_sends),
+            "streams": self.streams,
+            "params": {
+                k: {
+                    "default": f.get_default(call_default_factory=True),
+                    "description": f.description or "",
+                }
+                for k, f in self.config_type.model_fields.items()
+            },
+        }
 
     def merge(self, inputs: LayerInputs, cfg: MergeConfig) -> torch.Tensor:
         raise NotImplementedError
@@ -55,6 +99,7 @@ class CollabEdit(MergeMethod):
     two sums are needed, one Cholesky solve per layer whatever the number of clients."""
 
     name = "collabedit"
+    summary = "non-destructive: (sum P_i)(A + sum S_i)^-1, equal to Global-Edit"
     needs = ("P", "S", "weighted_cov")
     config_type = CollabEditConfig
 
@@ -83,6 +128,7 @@ class SimpleAverage(MergeMethod):
     """mean_i Delta_i (over the clients actually present, not a fixed count)."""
 
     name = "simple-average"
+    summary = "mean of the clients' local deltas"
     needs = ("deltas",)
 
     def merge(self, inputs: LayerInputs, cfg: MergeConfig) -> torch.Tensor:
@@ -97,6 +143,7 @@ class TaskArithmetic(MergeMethod):
     """lam * sum_i Delta_i (Ilharco et al. 2023)."""
 
     name = "task-arithmetic"
+    summary = "lam x sum of the clients' local deltas"
     needs = ("deltas",)
     config_type = ScaledConfig
 
@@ -114,6 +161,7 @@ class Ties(MergeMethod):
     Applied per edited layer (per tensor), as mergekit applies it."""
 
     name = "ties"
+    summary = "TIES-Merging of the clients' local deltas (trim, elect sign, disjoint mean)"
     needs = ("deltas",)
     config_type = TiesConfig
 
@@ -137,13 +185,17 @@ def trim_top_k(delta: torch.Tensor, share: float) -> torch.Tensor:
 
 
 METHODS: dict[str, MergeMethod] = {
-    m.name: m for m in (CollabEdit(), SimpleAverage(), TaskArithmetic(), Ties())
+    m.name: m for m in (CollabEdit(), Ties(), TaskArithmetic(), SimpleAverage())
 }
 
 
+def get_method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 def merge_layer(method: str, inputs: LayerInputs, **params) -> torch.Tensor:
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
-    m = METHODS[method]
+    m = get_method(method)
     m.check(inputs)
-    return m.merge(inputs, m.config_type(**params))
+    return m.merge(inputs, m.config(**params))

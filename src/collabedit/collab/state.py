@@ -1,10 +1,12 @@
 """Server state across rounds, in one safetensors file written atomically.
 
 What persists: the round number, the fingerprint of the current global model's edited layers
-(the base of the next round), the accumulated sum of S over merged rounds (for the dynamic
-covariance C_t = beta0 C_0 + beta1 sum_{tau<t} S_tau that protects earlier edits), and a ledger
-of which client's how-many edits were merged in which round. A round interrupted before the
-state write leaves the previous state intact, so it can simply be run again.
+(the base of the next round), the whole-model fingerprint of the round-0 model (under which the
+editor's regulariser A0 = lambda C_0 is cached), the editor, the accumulated sum of S over merged
+rounds (for the dynamic regulariser A_t = A0 + beta1 sum_{tau<t} S_tau that protects earlier
+edits), and a ledger of which client's how-many edits were merged in which round. A round
+interrupted before the state write leaves the previous state intact, so it can simply be run
+again.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from collabedit import io
 
 STATE_FILE = "server_state.safetensors"
 
@@ -38,8 +40,13 @@ class ServerState(BaseModel):
     layers: list[int]
     shapes: dict[int, tuple[int, int]]
     method: str = "collabedit"
-    beta0: float = Field(..., gt=0, description="weight of C_0 (lambda)")
-    beta1: float = Field(0.0, ge=0, description="weight of earlier rounds' S (0: immutable C)")
+    editor: str = Field("", description="the editor every update must come from ('' = any)")
+    origin_fingerprint: str | None = Field(
+        None, description="whole-model fingerprint of the round-0 model (A0's cache key)"
+    )
+    # states written before A0 carried lambda recorded it here; unused since
+    beta0: float | None = Field(None, description="lambda of older states (informational)")
+    beta1: float = Field(0.0, ge=0, description="weight of earlier rounds' S (0: immutable A0)")
     ledger: list[LedgerEntry] = Field(default_factory=list)
 
     def merged(self, client_id: str, round: int) -> bool:
@@ -62,17 +69,8 @@ def save_state(
     tensors = {f"layer.{k}.sum_S": v.double().contiguous() for k, v in sum_s.items()}
     if not tensors:  # safetensors needs at least one tensor
         tensors = {"empty": torch.zeros(1)}
-    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=folder)
-    os.close(fd)
-    try:
-        save_file(
-            tensors, tmp, metadata={"state": state.model_dump_json(), "saved_at": repr(time.time())}
-        )
-        os.replace(tmp, folder / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / STATE_FILE
+    meta = {"state": state.model_dump_json(), "saved_at": repr(time.time())}
+    return io.write_safetensors(folder / STATE_FILE, tensors, meta)
 
 
 def load_state(folder: str | os.PathLike[str]) -> tuple[ServerState, dict[int, torch.Tensor]]:

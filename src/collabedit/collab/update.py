@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from collabedit import io
 from collabedit.collab.transport import check_factors, factorise, should_factorise
 from collabedit.linalg import NotSymmetricError, check_symmetric
 
@@ -140,15 +139,7 @@ class ClientUpdate:
             "created_at": repr(self.created_at),
             "extra": json.dumps(self.extra),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        io.write_safetensors(path, tensors, meta)
 
 
 @dataclass(frozen=True)

@@ -1,36 +1,110 @@
-"""Knowledge-editing back-ends behind one call, chosen by name.
+"""Knowledge-editing back-ends, registered by name (peft/mergekit style).
 
-An editor turns requests into per-layer keys, residuals and updates (an `EditResult`); the
-collaborative code only ever sees those, never the editor's internals.
+A back-end is one folder here (or a module of a plugin package) with its config type and an
+`Editor` subclass, registered with `register`. Nothing outside that folder names it: the CLI,
+the collaboration round, Flower and the experiments look editors up here.
+
+Plugins outside this package register the same way. They are found through the entry-point group
+`collabedit.editors` of installed packages, or the modules named in the environment variable
+`COLLABEDIT_PLUGINS` (comma-separated; useful for experiments and tests, and inherited by the
+processes a Flower simulation starts). Either is imported the first time the registry is read.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from collabedit.editors.memit import EditResult, MemitConfig, edit, preset
-from collabedit.editors.memit.compute import Progress, ZResult
-from collabedit.models import arch
+from collabedit.editors.base import (
+    Editor,
+    EditorConfig,
+    EditResult,
+    EditSession,
+    LayerEdit,
+    LayerInputs,
+    Progress,
+    closed_form_edit,
+)
 from collabedit.requests import EditRequest
 
-EDITORS: dict[str, bool] = {"memit": False, "memit-frozen": True}  # name -> frozen keys
+PLUGINS_ENV = "COLLABEDIT_PLUGINS"
+ENTRY_POINT_GROUP = "collabedit.editors"
+
+_REGISTRY: dict[str, Editor] = {}
+_loaded: set[str] = set()
 
 
-def default_config(model: PreTrainedModel) -> MemitConfig:
-    """The preset matching the model (the world, gpt2-xl, gpt-j), else MEMIT's defaults with
-    the architecture's default layers."""
-    name = str(getattr(model.config, "_name_or_path", "")).rstrip("/")
-    if (Path(name) / "world.json").is_file():
-        return preset("world")
-    base = name.split("/")[-1].lower()
-    if base == "gpt2-xl":
-        return preset("gpt2-xl")
-    if base in ("gpt-j-6b", "gpt-j"):
-        return preset("gpt-j")
-    return MemitConfig(layers=list(arch.default_layers(model)))
+def register(editor: Editor | type[Editor]) -> Editor:
+    """Add an editor under its `name`; registering the same class again is a no-op."""
+    inst = editor() if isinstance(editor, type) else editor
+    old = _REGISTRY.get(inst.name)
+    if old is not None and type(old) is not type(inst):
+        raise ValueError(f"an editor named {inst.name!r} is already registered ({type(old)})")
+    _REGISTRY[inst.name] = inst
+    return inst
+
+
+def _load_plugins() -> None:
+    names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    for module in names:
+        if module not in _loaded:
+            _loaded.add(module)
+            importlib.import_module(module)
+    key = f"entry-points:{ENTRY_POINT_GROUP}"
+    if key not in _loaded:
+        _loaded.add(key)
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            obj = ep.load()
+            if isinstance(obj, Editor) or (isinstance(obj, type) and issubclass(obj, Editor)):
+                register(obj)
+
+
+def _builtins() -> None:
+    # the built-in back-ends register themselves when their folder is imported
+    import collabedit.editors.memit  # noqa: F401
+
+
+def registry() -> dict[str, Editor]:
+    _builtins()
+    _load_plugins()
+    return dict(_REGISTRY)
+
+
+def names() -> list[str]:
+    return list(registry())
+
+
+def get_editor(name: str) -> Editor:
+    editors = registry()
+    if name not in editors:
+        raise ValueError(f"unknown editor {name!r}; known: {', '.join(editors)}")
+    return editors[name]
+
+
+def make_config(
+    editor: Editor,
+    model: PreTrainedModel,
+    preset: str | None = None,
+    hparams: Path | None = None,
+    layers: Sequence[int] | None = None,
+    overrides: dict | None = None,
+) -> EditorConfig:
+    """A preset (or the model's default), then a hyper-parameter file, then `overrides` and
+    `layers`; validated against the model. Raises ValueError with the reason."""
+    cfg = editor.preset(preset) if preset else editor.default_config(model)
+    if hparams:
+        cfg = editor.read_hparams(Path(hparams), cfg)
+    update = dict(overrides or {})
+    if layers:
+        update["layers"] = list(layers)
+    if update:
+        cfg = editor.config_type(**(cfg.model_dump() | update))
+    return cfg.model_copy(update={"layers": editor.layers(model, cfg)})
 
 
 def apply_edits(
@@ -38,49 +112,34 @@ def apply_edits(
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     editor: str = "memit",
-    config: MemitConfig | None = None,
-    stats_cache: Path | None = None,
+    config: EditorConfig | None = None,
     apply: bool = True,
     progress: Progress = None,
-    z: ZResult | None = None,
+    cache_dir: Path | None = None,
+    **session_kw,
 ) -> EditResult:
-    """Edit `requests` into `model`: covariance statistics (cached) + the chosen editor.
-
-    `z`: target vectors already optimised on this model for these requests (e.g. a slice of a
-    larger set's), instead of optimising them again."""
-    from collabedit.stats import layer_stats
-
-    if editor not in EDITORS:
-        raise ValueError(f"unknown editor {editor!r}; known: {', '.join(EDITORS)}")
-    cfg = config or default_config(model)
-    layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
-    cfg = cfg.model_copy(update={"layers": list(layers)})
-
-    def stats_progress(texts: int, tokens: int) -> None:
-        if progress is not None:
-            progress("stats", texts, cfg.mom2_n_samples)
-
-    stats = layer_stats(
-        model,
-        tokenizer,
-        layers,
-        cfg.mom2_dataset,
-        cfg.mom2_n_samples,
-        cache_dir=stats_cache,
-        progress=stats_progress,
-    )
-    covariances = {layer: s.mom2 for layer, s in stats.items()}
-    return edit(
-        model,
-        tokenizer,
-        requests,
-        cfg,
-        covariances,
-        frozen=EDITORS[editor],
-        apply=apply,
-        progress=progress,
-        z=z,
-    )
+    """Global-Edit in one call: the editor's regulariser (cached), a session, the closed-form
+    edit (in place when `apply`). `session_kw` go to the editor's session (e.g. MEMIT's `z`)."""
+    ed = get_editor(editor)
+    cfg = make_config(ed, model) if config is None else config
+    cfg = cfg.model_copy(update={"layers": ed.layers(model, cfg)})
+    a0 = ed.regulariser(model, tokenizer, cfg, cache_dir=cache_dir, progress=progress)
+    session = ed.session(model, tokenizer, requests, cfg, progress=progress, **session_kw)
+    return closed_form_edit(session, a0, apply=apply)
 
 
-__all__ = ["EDITORS", "EditResult", "MemitConfig", "apply_edits", "default_config", "preset"]
+__all__ = [
+    "EditResult",
+    "EditSession",
+    "Editor",
+    "EditorConfig",
+    "LayerEdit",
+    "LayerInputs",
+    "apply_edits",
+    "closed_form_edit",
+    "get_editor",
+    "make_config",
+    "names",
+    "register",
+    "registry",
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from collabedit.models.tracing import pad_batch
+from collabedit.models.tracing import encode_pair, pad_batch
 
 
 @dataclass(frozen=True)
@@ -29,23 +29,6 @@ class TargetScore:
     @property
     def token_accuracy(self) -> float:
         return sum(self.token_correct) / len(self.token_correct)
-
-
-def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str
-) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the target as it continues the prompt.
-
-    The target is encoded with a leading space, as MEMIT does, so BPE tokenizers pick the
-    word-initial pieces; a word-level tokenizer ignores the space.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
-        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
-    if not target_ids:
-        raise ValueError(f"target {target!r} encodes to no tokens")
-    return prompt_ids, target_ids
 
 
 @torch.no_grad()

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from collabedit.evaluate.scoring import encode_pair
 from collabedit.models import arch
-from collabedit.models.tracing import subject_last_index
+from collabedit.models.tracing import encode_pair, subject_last_index
 
 
 def _mlp(model: PreTrainedModel, layer: int) -> torch.nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -102,10 +101,8 @@ def simulate_cmd(
     text = json.dumps(result, indent=1)
     typer.echo(text)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{json_out.name}.", dir=json_out.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp_path, json_out)
+        from collabedit import io
+
+        io.write_text(json_out, text + "\n")
     if result["status"] != "done":
         raise typer.Exit(1)

@@ -7,11 +7,12 @@ validated objects; it imports nothing from Flower.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Set in every process we start and before Flower is imported: no telemetry, no update check, no
 # `uv sync` of app dependencies at run time.
@@ -36,8 +37,11 @@ class ServerSettings(BaseModel):
     layers: str = Field("", description="comma-separated edited layers; '' = the preset's")
     preset: str = Field("", description="MEMIT preset (world, gpt2-xl, gpt-j); '' = by model")
     mom2_samples: int = Field(0, ge=0, description="texts for the covariance C; 0 = preset's")
-    editor: Literal["memit-frozen"] = "memit-frozen"
-    method: Literal["collabedit", "ties", "task-arithmetic", "simple-average"] = "collabedit"
+    editor_config: str = Field(
+        "", description='JSON object of editor config fields, e.g. {"v_num_grad_steps": 20}'
+    )
+    editor: str = Field("memit-frozen", description="registered editor (collabedit editors list)")
+    method: str = Field("collabedit", description="merge method (collabedit methods)")
     protocol: Literal["one-shot"] = "one-shot"
     rounds: int = Field(1, ge=1, description="merged rounds to run in this Flower run")
     min_clients: int = Field(2, ge=1, description="clients needed to start and to merge a round")
@@ -57,12 +61,49 @@ class ServerSettings(BaseModel):
     state_dir: str = Field("collabedit-server", description="server state folder")
     out_dir: str = Field("", description="write the final global model here ('' = don't)")
 
+    @field_validator("editor")
+    @classmethod
+    def _editor(cls, v: str) -> str:
+        from collabedit.editors import get_editor
+
+        get_editor(v)  # ValueError naming the registered editors
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from collabedit.collab.merge import get_method
+
+        get_method(v)
+        return v
+
+    @field_validator("editor_config")
+    @classmethod
+    def _editor_config(cls, v: str) -> str:
+        if v.strip() and not isinstance(json.loads(v), dict):
+            raise ValueError("editor-config must be a JSON object")
+        return v.strip()
+
+    def editor_config_dict(self) -> dict:
+        return json.loads(self.editor_config) if self.editor_config else {}
+
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: str) -> str:
         if v.strip():
             [int(x) for x in v.split(",")]
         return v.strip()
+
+    @model_validator(mode="after")
+    def _secure_needs_sums(self) -> ServerSettings:
+        from collabedit.collab.merge import get_method
+
+        if self.secure_aggregation and not get_method(self.method).streams:
+            raise ValueError(
+                f"secure aggregation delivers only sums; merge method {self.method!r} needs "
+                "each client's own update"
+            )
+        return self
 
     def layer_list(self) -> list[int] | None:
         return [int(x) for x in self.layers.split(",")] if self.layers else None
@@ -84,6 +125,10 @@ class ClientSettings(BaseModel):
     state: Path = Field(..., description="this client's state folder")
     client_id: str = Field(..., min_length=1)
     format: str = "auto"
+    per_round: int = Field(0, ge=0, description="requests sent per round at most (0: all)")
+    overlap_threshold: float = Field(
+        0.01, ge=0, description="requests with a smaller relative residual are already known"
+    )
     # Fault injection for tests and drills: fail in these rounds ("0,2"), or send a bad update.
     test_fail_rounds: str = ""
     test_bad_update: Literal["", "nan", "fingerprint", "shape", "asymmetric"] = ""

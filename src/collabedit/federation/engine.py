@@ -1,9 +1,9 @@
 """What the server and a client do in a federated round, without Flower.
 
 The Flower apps (server_app.py, client_app.py) only move what is here over the wire; the math and
-the checks are collab/'s: a client builds its update with `client_update`, the server validates
-and merges with `merge_round` (ledger, rejections, state) and writes its state atomically with
-`save_state`.
+the checks are collab/'s: a client builds its update with `rounds.client_round` (overlap check
+included), the server validates and merges with `rounds.server_round` (ledger, rejections,
+state) and writes its state atomically with `save_state`.
 
 Round r:
 1. The server broadcasts a `Broadcast`: the round, the fingerprint of the current global model,
@@ -13,7 +13,7 @@ Round r:
    ledger is done; one that is not goes back to pending), edits its pending requests on the
    global model and answers with its update file's bytes, or "idle" when nothing is pending.
 3. The server applies the fault policy, then merges: it writes every received update verbatim to
-   its state folder and calls `merge_round`, which rejects bad updates one by one. It writes the
+   its state folder and calls `server_round`, which rejects bad updates one by one. It writes the
    next global layers, then the state (last, atomically), so a server killed at any point resumes
    from the last completed round and no update is merged twice.
 """
@@ -23,14 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from collabedit import io
 from collabedit.federation.config import ClientSettings, ServerSettings
 
 GLOBAL_DIR = "global"
@@ -53,7 +53,16 @@ class Broadcast:
     settings: dict  # the ServerSettings fields a client needs (model, layers, ...)
 
 
-CLIENT_KEYS = ("model", "layers", "preset", "mom2_samples", "editor", "method", "transport")
+CLIENT_KEYS = (
+    "model",
+    "layers",
+    "preset",
+    "mom2_samples",
+    "editor",
+    "editor_config",
+    "method",
+    "transport",
+)
 
 
 @dataclass
@@ -84,59 +93,38 @@ class RoundReport:
         return dict(self.__dict__)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def party_setup(
+    model_name: str,
+    editor: str,
+    layers: list[int] | None,
+    preset: str,
+    mom2_samples: int,
+    role: str = "client",
+    editor_config: dict | None = None,
+):
+    """The EditingSetup of a party (collab/setup.py) on the *unedited* base model, so every party
+    of a federation uses the same A0 = lambda C_0 whatever round it joins in. Cached per
+    process (a Flower simulation keeps its client actors alive between rounds); the edited
+    layers are put back to the base weights on every call. `role` keeps a server's model apart
+    from the clients' when both run in one process."""
+    from collabedit.collab.setup import EditingSetup
+    from collabedit.editors import get_editor
 
-
-def _atomic_json(path: Path, payload) -> None:
-    _atomic_write(path, json.dumps(payload, indent=1).encode())
-
-
-def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def memit_setup(model_name: str, layers: list[int] | None, preset: str, mom2_samples: int):
-    """(model, tokenizer, MemitConfig, C per layer) with C from the *unedited* base model, so
-    every party of a federation uses the same C_0 whatever round it joins in. Cached per
-    process: a Flower simulation keeps its client actors alive between rounds."""
-    key = (model_name, tuple(layers or ()), preset, mom2_samples)
-    if key in _SETUP_CACHE:
-        return _SETUP_CACHE[key]
-    from collabedit.editors import default_config
-    from collabedit.editors import preset as get_preset
-    from collabedit.models import arch
-    from collabedit.models.loading import load_model
-    from collabedit.stats import layer_stats
-
-    lm, tok = load_model(model_name)
-    cfg = get_preset(preset) if preset else default_config(lm)
-    chosen = list(arch.check_layers(lm, layers or cfg.layers or arch.default_layers(lm)))
-    update = {"layers": chosen}
-    if mom2_samples:
-        update["mom2_n_samples"] = mom2_samples
-    cfg = cfg.model_copy(update=update)
-    stats = layer_stats(lm, tok, chosen, cfg.mom2_dataset, cfg.mom2_n_samples)
-    covs = {layer: s.mom2 for layer, s in stats.items()}
-    base = {layer: arch.read_weight(lm, layer) for layer in chosen}
-    _SETUP_CACHE[key] = (lm, tok, cfg, covs, base)
-    return _SETUP_CACHE[key]
+    extra = json.dumps(editor_config or {}, sort_keys=True)
+    key = (role, model_name, editor, tuple(layers or ()), preset, mom2_samples, extra)
+    if key not in _SETUP_CACHE:
+        fields = get_editor(editor).config_type.model_fields
+        overrides = dict(editor_config or {})
+        if mom2_samples:
+            if "mom2_n_samples" not in fields:
+                raise ValueError(f"editor {editor!r} reads no corpus: mom2-samples does not apply")
+            overrides["mom2_n_samples"] = mom2_samples
+        _SETUP_CACHE[key] = EditingSetup.open(
+            model_name, editor, preset=preset or None, layers=layers, overrides=overrides or None
+        )
+    setup = _SETUP_CACHE[key]
+    setup.reset()
+    return setup
 
 
 _SETUP_CACHE: dict = {}
@@ -150,31 +138,26 @@ class ServerEngine:
     """The server's side of a federation, resumable from its state folder."""
 
     def __init__(self, settings: ServerSettings):
-        from collabedit.collab.server import open_state
+        from collabedit.collab.rounds import open_state
         from collabedit.models import arch
 
         self.settings = settings
         self.state_dir = Path(settings.state_dir)
-        lm, tok, cfg, covs, base = memit_setup(
-            settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
+        self.setup = party_setup(
+            settings.model,
+            settings.editor,
+            settings.layer_list(),
+            settings.preset,
+            settings.mom2_samples,
+            role="server",
+            editor_config=settings.editor_config_dict(),
         )
-        for layer, w in base.items():  # a cached model may carry an earlier run's merges
-            arch.write_weight(lm, layer, w)
-        self.model, self.tok, self.cfg, self.covs = lm, tok, cfg, covs
-        self.layers = list(cfg.layers)
+        lm = self.model = self.setup.model
+        self.tok = self.setup.tokenizer
+        self.layers = self.setup.layers
         self.state, self.sum_s = open_state(
-            self.state_dir,
-            lm,
-            self.layers,
-            settings.method,
-            cfg.mom2_update_weight,
-            settings.beta1,
+            self.state_dir, self.setup, settings.method, settings.beta1
         )
-        if self.state.layers != self.layers:
-            raise ValueError(
-                f"{self.state_dir}: the saved federation edits layers {self.state.layers}, "
-                f"not {self.layers}"
-            )
         if self.state.round > 0:  # resume: the global model of the saved round
             path = self.global_path(self.state.round)
             if not path.is_file():
@@ -252,7 +235,7 @@ class ServerEngine:
             for x in updates:
                 name = f"node-{x.node_id}.safetensors"
                 path = self.state_dir / INCOMING_DIR / f"round-{r}" / name
-                _atomic_write(path, x.blob)
+                io.write_bytes(path, x.blob)
                 paths.append(path)
             self._merge(paths, report)
         report.seconds = round(time.perf_counter() - started, 3)
@@ -270,7 +253,6 @@ class ServerEngine:
         """Merge one round from the clients' summed P and S only (secure aggregation): the sums
         go through merge_round as one update whose ledger entry names every member. `floor`:
         the sums' noise level (see linalg.solve_update)."""
-        from collabedit.collab.server import NOISE_FLOOR_KEY
         from collabedit.collab.update import ClientUpdate, LayerUpdate
 
         r = self.state.round
@@ -281,25 +263,26 @@ class ServerEngine:
             n_edits=sum(members.values()),
             layers={k: LayerUpdate(P=sum_p[k], S=sum_s[k]) for k in self.layers},
             editor=self.settings.editor,
-            extra={"members": members} | ({NOISE_FLOOR_KEY: floor} if floor else {}),
+            extra={"members": members},
         )
         path = self.state_dir / INCOMING_DIR / f"round-{r}" / "secagg-sum.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         update.save(path)
-        self._merge([path], report)
+        self._merge([path], report, {"floor": floor} if floor else {})
 
-    def _merge(self, paths: list[Path], report: RoundReport) -> None:
-        from collabedit.collab.server import merge_round
+    def _merge(self, paths: list[Path], report: RoundReport, params: dict | None = None) -> None:
+        from collabedit.collab.rounds import server_round
         from collabedit.collab.state import save_state
 
         try:
-            outcome = merge_round(
+            outcome = server_round(
                 self.model,
                 paths,
                 self.state,
                 self.sum_s,
-                self.covs,
+                self.setup.regulariser,
                 self.settings.method,
+                params,
             )
         except ValueError as exc:  # every update rejected: nothing merged, model untouched
             report.reason = str(exc)
@@ -308,7 +291,7 @@ class ServerEngine:
         report.rejected = outcome.rejected
         # next round's base first, then the state (last, atomic): a crash in between re-runs
         # this round from the old state and the old global layers
-        _atomic_tensors(
+        io.write_safetensors(
             self.global_path(outcome.state.round),
             {f"layer.{k}.weight": v for k, v in self.weights().items()},
         )
@@ -326,12 +309,14 @@ class ServerEngine:
             "ledger": [e.model_dump() for e in self.state.ledger],
             "reports": [x.to_dict() for x in self.reports],
         } | (extra or {})
-        _atomic_json(path, payload)
+        io.write_json(path, payload)
         return path
 
     def save_model(self, out_dir: str | os.PathLike[str]) -> None:
-        self.model.save_pretrained(out_dir, safe_serialization=True)
-        self.tok.save_pretrained(out_dir)
+        """The global model, with the files its base folder carried (as the CLI saves it)."""
+        from collabedit.models.loading import save_model
+
+        save_model(self.model, self.tok, out_dir, self.setup.source)
 
 
 def secagg_client_id(members: dict[str, int]) -> str:
@@ -382,58 +367,82 @@ class ClientWorker:
                 st["submitted"] = None
             elif sub["round"] < current_round:
                 st["submitted"] = None  # not merged (dropped or rejected): pending again
-        _atomic_json(self.state_path, st)
+        io.write_json(self.state_path, st)
         return st
 
     def pending(self, st: dict):
         from collabedit.requests import load_requests
 
         reqs = load_requests(self.settings.requests, self.settings.format)
-        return [r for r in reqs if str(r.case_id) not in st["done"]]
+        known = st.get("known", {})
+        return [r for r in reqs if str(r.case_id) not in st["done"] and str(r.case_id) not in known]
 
     def handle(self, b: Broadcast, secure: bool = False):
-        """("idle", None, info) or ("update", ClientUpdate, info) for round b.round."""
-        from collabedit.collab.protocol import Client, client_update
+        """("idle", None, info) or ("update", ClientUpdate, info) for round b.round: the one
+        client round (collab/rounds.py) on the broadcast global model, overlap check included."""
+        from collabedit.collab.merge import get_method
+        from collabedit.collab.rounds import NothingToEdit, RoundInfo, client_round
         from collabedit.models import arch
 
         if b.round in self.settings.fail_rounds():
             raise RuntimeError(f"injected failure in round {b.round}")
         st = self.reconcile(b.ledger, b.round)
         todo = self.pending(st)
+        if self.settings.per_round:
+            todo = todo[: self.settings.per_round]
         if not todo:
             return "idle", None, {"n_edits": 0}
         s = b.settings
         layers = [int(x) for x in s["layers"].split(",")]
-        lm, tok, cfg, covs, _ = memit_setup(s["model"], layers, s["preset"], s["mom2_samples"])
-        for layer, w in b.weights.items():
-            arch.write_weight(lm, layer, w)
-        fp = arch.fingerprint(lm, layers)
-        if fp != b.base_fingerprint:
-            raise ValueError(
-                f"the broadcast weights give fingerprint {fp}, the server says "
-                f"{b.base_fingerprint}: not the same base model"
-            )
-        form = "full" if secure else s["transport"]
-        update = client_update(
-            lm,
-            tok,
-            Client(self.settings.client_id, todo),
-            cfg,
-            covs,
-            s["editor"],
-            b.round,
-            form=form,
+        extra = json.loads(s.get("editor_config") or "{}")
+        setup = party_setup(
+            s["model"], s["editor"], layers, s["preset"], s["mom2_samples"], editor_config=extra
         )
-        if s["method"] == "collabedit":  # Delta_i is not needed and exposes more: keep it home
-            for lu in update.layers.values():
-                lu.delta = None
+        for layer, w in b.weights.items():
+            arch.write_weight(setup.model, layer, w)
+        info = RoundInfo(b.round, b.base_fingerprint, tuple(layers), s["editor"])
+        form = "full" if secure else s["transport"]
+        # Delta_i goes out only when the merge method needs it: it exposes more than P and S
+        send_delta = "delta" in get_method(s["method"]).client_sends
+        try:
+            cr = client_round(
+                setup,
+                todo,
+                self.settings.client_id,
+                info,
+                overlap_threshold=self.settings.overlap_threshold,
+                form=form,
+                send_delta=send_delta,
+            )
+        except NothingToEdit:
+            cr = None
+        finally:
+            setup.reset()
+        skipped = todo if cr is None else cr.skipped
+        if skipped:
+            self.record_known([r.case_id for r in skipped], b.round)
+        if cr is None:
+            return "idle", None, {"n_edits": 0, "known": len(skipped)}
+        update = cr.update
         self._inject_fault(update)
-        return "update", update, {"n_edits": len(todo), "case_ids": [r.case_id for r in todo]}
+        return (
+            "update",
+            update,
+            {"n_edits": len(cr.edited), "case_ids": [r.case_id for r in cr.edited]},
+        )
+
+    def record_known(self, case_ids: list, round: int) -> None:
+        """Requests the global model already satisfies (overlap): never sent, not pending."""
+        st = self.load_state()
+        known = st.setdefault("known", {})
+        for cid in case_ids:
+            known[str(cid)] = round
+        io.write_json(self.state_path, st)
 
     def record_submission(self, round: int, case_ids: list, sha256: str | None) -> None:
         st = self.load_state()
         st["submitted"] = {"round": round, "case_ids": [str(c) for c in case_ids], "sha256": sha256}
-        _atomic_json(self.state_path, st)
+        io.write_json(self.state_path, st)
 
     def update_bytes(self, update, round: int) -> tuple[bytes, str]:
         path = Path(self.settings.state) / "outbox" / f"round-{round}.safetensors"

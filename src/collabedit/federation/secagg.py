@@ -228,10 +228,17 @@ def secagg_round(
     values = sum(x.size for x in mean) + 1
     report.bytes_received = n * values * 8
     d_in = next(iter(sum_s.values())).shape[0]
-    floor = noise_floor(bounds[1], n, q, d_in) if engine.settings.method == "collabedit" else 0.0
+    # the sums' quantisation noise: solved above it, when the method takes a noise floor
+    floor = noise_floor(bounds[1], n, q, d_in) if _takes_floor(engine.settings.method) else 0.0
     engine.merge_sums(sum_p, sum_s, members, report, floor=floor)
     report.info = {"secagg_bounds": list(bounds), "secagg_clients": n, "noise_floor": floor}
     return _done(engine, report, started)
+
+
+def _takes_floor(method: str) -> bool:
+    from collabedit.collab.merge import get_method
+
+    return "floor" in get_method(method).config_type.model_fields
 
 
 def _done(engine: ServerEngine, report: RoundReport, started: float) -> RoundReport:

@@ -3,7 +3,7 @@ command, checked against the same merge done in process.
 
 N clients each get M requests of the world (one private JSONL file and one state folder each),
 the ServerApp and ClientApps run under `flwr.simulation.run_simulation`, and afterwards the
-federated global model is compared with `client_update` + `merge_updates` run here on the same
+federated global model is compared with the same client and server rounds run here on the same
 requests with the same configuration ("max_rel_diff_vs_inprocess").
 """
 
@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from collabedit.federation.config import ServerSettings, quiet_flower_env
-from collabedit.federation.engine import ledger_members, memit_setup
+from collabedit.federation.config import ClientSettings, ServerSettings, quiet_flower_env
+from collabedit.federation.engine import ledger_members, party_setup
 
 Log = Callable[[str], None]
 
@@ -45,18 +45,62 @@ def write_client_files(
 
 
 def inprocess_updates(settings: ServerSettings, client_requests: list[list]) -> list:
-    """The clients' full-form updates (P, S) of round 0, computed in this process."""
-    from collabedit.collab.protocol import Client, client_update
-    from collabedit.editors.memit.editor import restore
+    """The clients' full-form updates (P, S and the local delta) of round 0, computed in this
+    process by the same client round the ClientApp runs."""
+    from collabedit.collab.rounds import RoundInfo, client_round
+    from collabedit.models import arch
 
-    lm, tok, cfg, covs, base = memit_setup(
-        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
-    )
-    restore(lm, base)
+    setup = federation_setup(settings, "client")
+    info = RoundInfo(0, arch.fingerprint(setup.model, setup.layers), tuple(setup.layers))
+    threshold = ClientSettings.model_fields["overlap_threshold"].default
     return [
-        client_update(lm, tok, Client(f"client-{i}", reqs), cfg, covs, settings.editor, 0)
+        client_round(setup, reqs, f"client-{i}", info, overlap_threshold=threshold).update
         for i, reqs in enumerate(client_requests)
     ]
+
+
+def inprocess_rounds(
+    settings: ServerSettings,
+    client_requests: list[list],
+    work: Path,
+    per_round: int = 0,
+    params: dict | None = None,
+) -> list[dict]:
+    """The global edited-layer weights after each round of a federation of these clients, run
+    in this process with the same client and server rounds the Flower apps run (updates go
+    through files as they do there; clients merged in client-id order, as the server does).
+    `per_round`: requests a client sends per round (0: all it has), as ClientSettings."""
+    from collabedit.collab.merge import get_method
+    from collabedit.collab.rounds import RoundInfo, client_round, initial_state, server_round
+    from collabedit.models import arch
+
+    server, client = federation_setup(settings, "server"), federation_setup(settings, "client")
+    state, sums = initial_state(server, settings.method, settings.beta1), {}
+    threshold = ClientSettings.model_fields["overlap_threshold"].default
+    send_delta = "delta" in get_method(settings.method).client_sends
+    ids = sorted((f"client-{i}", list(reqs)) for i, reqs in enumerate(client_requests))
+    out = []
+    while any(reqs for _, reqs in ids):
+        info = RoundInfo.from_state(state)
+        arch.restore(client.model, arch.snapshot(server.model, server.layers))
+        paths = []
+        for cid, reqs in ids:
+            take = reqs[:per_round] if per_round else list(reqs)
+            if not take:
+                continue
+            cr = client_round(client, take, cid, info, threshold, settings.transport, send_delta)
+            path = Path(work) / f"round-{state.round}" / f"{cid}.safetensors"
+            cr.update.save(path)
+            paths.append(path)
+            del reqs[: len(take)]
+        outcome = server_round(
+            server.model, paths, state, sums, server.regulariser, settings.method, params
+        )
+        state, sums = outcome.state, outcome.sum_s
+        out.append(arch.snapshot(server.model, server.layers))
+    server.reset()
+    client.reset()
+    return out
 
 
 def inprocess_reference(
@@ -69,21 +113,30 @@ def inprocess_reference(
     whatever transport the federation uses; clients in the order given, as the server merges
     them in client-id order). `floor`: the noise floor a secure-aggregation server solved with."""
     from collabedit.collab.protocol import apply_deltas, merge_updates
-    from collabedit.editors.memit.editor import restore
     from collabedit.models import arch
 
-    lm, _, cfg, covs, base = memit_setup(
-        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
-    )
+    setup = federation_setup(settings, "server")
     if updates is None:
         updates = inprocess_updates(settings, client_requests)
-    weighted = {k: cfg.mom2_update_weight * c.double() for k, c in covs.items()}
     params = {"floor": floor} if floor else {}
-    deltas = merge_updates(updates, weighted, settings.method, **params)
-    apply_deltas(lm, deltas)
-    out = {layer: arch.read_weight(lm, layer) for layer in cfg.layers}
-    restore(lm, base)
+    deltas = merge_updates(updates, setup.regulariser, settings.method, **params)
+    apply_deltas(setup.model, deltas)
+    out = arch.snapshot(setup.model, setup.layers)
+    setup.reset()
     return out
+
+
+def federation_setup(settings: ServerSettings, role: str = "server"):
+    """The party_setup a federation with these settings uses (cached per process)."""
+    return party_setup(
+        settings.model,
+        settings.editor,
+        settings.layer_list(),
+        settings.preset,
+        settings.mom2_samples,
+        role=role,
+        editor_config=settings.editor_config_dict(),
+    )
 
 
 def rel_diff(fed: dict, ref: dict, base: dict) -> float:
@@ -110,7 +163,6 @@ def simulate(
     quiet_flower_env()
     from safetensors.torch import load_file
 
-    from collabedit.editors.memit.editor import restore
     from collabedit.federation.client_app import make_client_app
     from collabedit.federation.server_app import make_server_app
 
@@ -129,9 +181,8 @@ def simulate(
     for i, extra in (node_overrides or {}).items():
         node_configs[i] |= extra
     log(f"[simulate] {n_clients} clients x {edits_per_client} requests; statistics")
-    lm, tok, cfg, covs, base = memit_setup(  # warms the statistics cache for the clients too
-        settings.model, settings.layer_list(), settings.preset, settings.mom2_samples
-    )
+    setup = federation_setup(settings, "server")  # warms the statistics cache for the clients too
+    lm, tok, cfg, base = setup.model, setup.tokenizer, setup.cfg, setup.base_weights
     from flwr.simulation import run_simulation
 
     log("[simulate] running the federation on Flower's simulation engine")
@@ -181,12 +232,11 @@ def simulate(
         from collabedit.evaluate.metrics import evaluate_requests
         from collabedit.models import arch
 
-        restore(lm, base)
+        arch.restore(lm, base)
         m0 = evaluate_requests(lm, tok, requests)
-        for layer, w in fed.items():
-            arch.write_weight(lm, layer, w)
+        arch.restore(lm, fed)
         m1 = evaluate_requests(lm, tok, requests)
-        restore(lm, base)
+        arch.restore(lm, base)
         result["methods"] = {
             "unedited": {k: m0[k] for k in CF_KEYS},
             "federated-collabedit": {k: m1[k] for k in CF_KEYS},
@@ -197,8 +247,8 @@ def simulate(
         "edits_per_client": edits_per_client,
         "seed": seed,
         "layers": list(cfg.layers),
-        "lambda": cfg.mom2_update_weight,
-        "mom2_n_samples": cfg.mom2_n_samples,
+        "editor": settings.editor,
+        "editor_config": cfg.model_dump(),
         "settings": settings.to_run_config(),
         "seconds": round(time.perf_counter() - start, 1),
         "federation_seconds": round(federation_seconds, 1),

@@ -149,6 +149,17 @@ def write_weight(model: PreTrainedModel, layer: int, weight: torch.Tensor) -> No
     w.copy_(new.to(w.dtype))
 
 
+def restore(model: PreTrainedModel, originals: dict[int, torch.Tensor]) -> None:
+    """Write saved weights (layer -> (d_out, d_in)) back, bit for bit."""
+    for layer, w in originals.items():
+        write_weight(model, layer, w)
+
+
+def snapshot(model: PreTrainedModel, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Copies of the edited weights of `layers`, for `restore`."""
+    return {layer: read_weight(model, layer) for layer in layers}
+
+
 def default_layers(model: PreTrainedModel) -> tuple[int, ...]:
     spec = arch_of(model)
     name = str(getattr(model.config, "_name_or_path", "")).rstrip("/").split("/")[-1]
@@ -171,8 +182,16 @@ def fingerprint(model: PreTrainedModel, layers: Sequence[int] | None = None) -> 
     """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-        cfg.pop(volatile, None)
+    # collabedit_presets: which editor preset suits the model, not part of what it computes
+    volatile = (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "collabedit_presets",
+    )
+    for key in volatile:
+        cfg.pop(key, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     if layers is None:
         tensors = [(name, p.detach()) for name, p in sorted(model.state_dict().items())]

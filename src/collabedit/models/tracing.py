@@ -105,3 +105,20 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the target as it continues the prompt.
+
+    The target is encoded with a leading space, as MEMIT does, so BPE tokenizers pick the
+    word-initial pieces; a word-level tokenizer ignores the space.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    if not target_ids:
+        raise ValueError(f"target {target!r} encodes to no tokens")
+    return prompt_ids, target_ids

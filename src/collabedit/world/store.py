@@ -14,13 +14,18 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from collabedit.paths import DEFAULT_WORLD_DIR
 from collabedit.world.generator import World, WorldSpec, generate_world
 from collabedit.world.tokenizer import build_tokenizer
 from collabedit.world.train import TrainConfig, measure_recall, train_world_model
 
-DEFAULT_WORLD_DIR = Path(__file__).resolve().parent / "default"
 WORLD_FILE = "world.json"
 BUILD_FILE = "build.json"
+# Written into a world model's config: the preset each editor uses on a world by default. The
+# attribute name is editors.base.PRESETS_ATTR, repeated here so that neither package needs the
+# other.
+PRESETS_ATTR = "collabedit_presets"
+WORLD_PRESETS = {"memit": "world", "memit-frozen": "world"}
 
 
 @dataclass
@@ -47,6 +52,8 @@ def load_world(path: str | os.PathLike[str] | None = None) -> WorldBundle:
     world = World.load(folder / WORLD_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.eval()
+    if not getattr(model.config, PRESETS_ATTR, None):  # worlds built before it was written
+        setattr(model.config, PRESETS_ATTR, dict(WORLD_PRESETS))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     build_path = folder / BUILD_FILE
     build = json.loads(build_path.read_text()) if build_path.is_file() else {}
@@ -89,6 +96,8 @@ def build_world(
         "recall_prompts": recall["n"],
         "n_parameters": sum(p.numel() for p in model.parameters()),
     }
+    # the editors' presets tuned for worlds (read by Editor.default_config)
+    setattr(model.config, PRESETS_ATTR, dict(WORLD_PRESETS))
     # Build into a sibling temp folder and swap it in, so a crash never leaves half a world.
     tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=out.parent))
     try:

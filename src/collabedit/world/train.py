@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections import defaultdict
@@ -48,6 +47,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from collabedit import io
 from collabedit.evaluate.scoring import score_targets
 from collabedit.world.generator import FILLERS, World
 
@@ -235,9 +235,8 @@ def _save_checkpoint(path: Path, model, opt, rng: random.Random, state: dict) ->
         "rng_gauss": gauss,
         "state": json.dumps(state),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_checkpoint(path: Path, model, opt, rng: random.Random, cfg: TrainConfig) -> dict:

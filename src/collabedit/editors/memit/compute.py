@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from collabedit import io
 from collabedit.editors.memit.config import MemitConfig
-from collabedit.evaluate.scoring import encode_pair
 from collabedit.models import arch
 from collabedit.models.tracing import (
     capture_block_outputs,
     capture_mlp_inputs,
+    encode_pair,
     pad_batch,
     shift_block_output,
     subject_last_index,
@@ -221,9 +221,8 @@ class ZResult:
 
     def save(self, path: Path, key: str) -> None:
         """Write to safetensors, tagged with `key` (see `z_cache_key`)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).contiguous() for name in _Z_FIELDS}
-        save_file(tensors, str(path), metadata={"key": key})
+        tensors = {name: getattr(self, name) for name in _Z_FIELDS}
+        io.write_safetensors(path, tensors, {"key": key})
 
     @classmethod
     def load(cls, path: Path, key: str) -> ZResult | None:

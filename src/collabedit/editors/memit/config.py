@@ -5,31 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from collabedit.editors.base import EditorConfig
 
 
-class MemitConfig(BaseModel):
+class MemitConfig(EditorConfig):
     """Field names follow MEMIT / EasyEdit where they mean the same thing."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    layers: list[int] | None = Field(None, description="edited layers; None: the model's default")
     mom2_update_weight: float = Field(15000.0, gt=0, description="lambda, weight of C")
     mom2_dataset: str = Field("world", description="corpus for C: 'world', a text file, HF id")
     mom2_n_samples: int = Field(100_000, ge=1, description="texts used for C")
-    v_num_grad_steps: int = Field(25, ge=1)
-    v_lr: float = Field(0.5, gt=0)
-    v_weight_decay: float = Field(0.5, ge=0)
-    clamp_norm_factor: float = Field(0.75, gt=0)
-    kl_factor: float = Field(0.0625, ge=0)
-    early_stop_loss: float = Field(5e-2, ge=0, description="MEMIT stops a request's z below it")
-    # (length in tokens, number) of generated context prefixes; MEMIT uses [(10, 5)]
-    context_template_length_params: list[tuple[int, int]] = Field(default_factory=lambda: [(10, 5)])
-    context_start_words: list[str] = Field(
-        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
+    v_num_grad_steps: int = Field(25, ge=1, description="optimiser steps for each target z")
+    v_lr: float = Field(0.5, gt=0, description="Adam learning rate of z")
+    v_weight_decay: float = Field(0.5, ge=0, description="penalty on ||z - z0|| / ||z0||")
+    clamp_norm_factor: float = Field(
+        0.75, gt=0, description="||z - z0|| is kept below this times ||z0||"
     )
-    kl_prompt: str = "{} is a"
-    seed: int = 0
+    kl_factor: float = Field(0.0625, ge=0, description="weight of the KL term on the KL prompt")
+    early_stop_loss: float = Field(5e-2, ge=0, description="MEMIT stops a request's z below it")
+    context_template_length_params: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(10, 5)],
+        description="(length in tokens, number) of generated context prefixes",
+    )
+    context_start_words: list[str] = Field(
+        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"],
+        description="words the context prefixes start with",
+    )
+    kl_prompt: str = Field("{} is a", description="prompt whose distribution z must keep")
+    seed: int = Field(0, description="seed of the generated context prefixes")
     batch_rows: int = Field(2048, ge=1, description="rows per forward pass in z optimisation")
 
 
@@ -41,7 +45,7 @@ PRESETS: dict[str, MemitConfig] = {
         mom2_dataset="wikipedia:20220301.en",
         v_num_grad_steps=20,
     ),
-    "gpt-j": MemitConfig(
+    "gpt-j-6b": MemitConfig(
         layers=[3, 4, 5, 6, 7, 8],
         mom2_update_weight=15000.0,
         mom2_dataset="wikipedia:20220301.en",
@@ -78,6 +82,9 @@ _EASYEDIT_KEYS = {
     "clamp_norm_factor",
     "kl_factor",
 }
+
+
+PRESETS["gpt-j"] = PRESETS["gpt-j-6b"]  # the short name users type
 
 
 def preset(name: str) -> MemitConfig:

@@ -1,57 +1,41 @@
 """The two MEMIT editors: `memit` (published: layers written one after another, keys re-read after
 each write) and `memit-frozen` (every layer's keys and residuals from the unedited model, the
-variant the CollabEdit authors' code runs; the collaborative merge is exact for it)."""
+variant the CollabEdit authors' code runs; the collaborative merge is exact for it).
+
+Both regularise with A0 = lambda C, C the uncentered key covariance of the base model on a corpus
+(stats.py; cached by the base model's fingerprint, so every round of a federation reuses C_0).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from collabedit.editors.memit.compute import (
+from collabedit.editors.base import (
+    Editor,
+    EditorConfig,
+    EditResult,
+    EditSession,
+    LayerInputs,
     Progress,
+    closed_form_edit,
+)
+from collabedit.editors.memit.compute import (
     ZResult,
     compute_keys,
     context_templates,
     current_outputs,
     optimise_z,
 )
-from collabedit.editors.memit.config import MemitConfig
-from collabedit.linalg import memit_update
+from collabedit.editors.memit.config import PRESETS, MemitConfig, from_easyedit_yaml
 from collabedit.models import arch
 from collabedit.models.tracing import subject_last_index
 from collabedit.requests import EditRequest
-
-
-@dataclass
-class LayerEdit:
-    """What one layer's update is made of: Delta = R K^T (lambda C + K K^T)^-1."""
-
-    layer: int
-    module: str
-    keys: torch.Tensor  # (n, d_in) float64
-    residuals: torch.Tensor  # (n, d_out) float64
-    delta: torch.Tensor  # (d_out, d_in) float64
-
-    @property
-    def unmet(self) -> torch.Tensor:
-        """Per request, ||Delta k - r|| / ||r||: the share of its residual that this layer's
-        update does not deliver at the request's own key. lambda C always keeps some back; it
-        grows sharply when the edited keys, together with the keys C protects, no longer fit in
-        the layer's key width (measured on the world in docs/benchmarks.md)."""
-        miss = self.keys @ self.delta.T - self.residuals
-        return miss.norm(dim=1) / self.residuals.norm(dim=1).clamp_min(1e-12)
-
-
-@dataclass
-class EditResult:
-    editor: str
-    layers: list[LayerEdit]
-    z: ZResult
-    timings: dict[str, float] = field(default_factory=dict)
+from collabedit.stats import layer_stats
 
 
 def validate_requests(
@@ -68,14 +52,9 @@ def validate_requests(
             raise ValueError(f"request case_id={req.case_id}: {exc}") from None
 
 
-class MemitSession:
-    """One party's MEMIT work for its requests, in the pieces the protocols need.
-
-    The target vectors z are optimised once, on the model as it is when the session starts (the
-    base model). Keys and residuals of a layer are read on the model as it is when asked: the
-    unedited base (`memit-frozen`), the party's own partly edited copy (`memit`, one-shot), or
-    the merged global model (layer-synchronous collaboration).
-    """
+class MemitSession(EditSession):
+    """One party's MEMIT work: target vectors z optimised once, on the model as it is when the
+    session starts (the base model); keys and residuals read on the model as it is when asked."""
 
     def __init__(
         self,
@@ -83,28 +62,60 @@ class MemitSession:
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         cfg: MemitConfig,
+        frozen: bool,
+        editor: str,
         progress: Progress = None,
         z: ZResult | None = None,
+        templates: list[list[str]] | None = None,
     ) -> None:
         """`z`: target vectors already optimised for exactly these requests on this base model
-        (a simulation reuses them across parties; z depends only on the request and the base)."""
-        self.layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
+        (z depends only on the request and the base, so a simulation reuses them)."""
+        self.started = time.perf_counter()
+        self.layers = list(arch.check_layers(model, cfg.layers or arch.default_layers(model)))
         validate_requests(tokenizer, requests, cfg.kl_prompt)
-        self.model, self.tokenizer, self.requests, self.cfg = model, tokenizer, requests, cfg
-        t0 = time.perf_counter()
-        self.templates = context_templates(model, tokenizer, cfg)
+        self._model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.requests = list(requests)
+        self.frozen, self.editor = frozen, editor
+        self.templates = templates or context_templates(model, tokenizer, cfg)
         if z is not None and z.z.shape[0] != len(requests):
             raise ValueError(f"{z.z.shape[0]} target vectors for {len(requests)} requests")
         self.z = z or optimise_z(
-            model, tokenizer, requests, self.layers[-1], self.templates, cfg, progress
+            model, tokenizer, self.requests, self.layers[-1], self.templates, cfg, progress
         )
-        self.timings = {"z": time.perf_counter() - t0, "keys": 0.0}
+        self.timings = {"z": time.perf_counter() - self.started, "keys": 0.0}
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self._model
+
+    def _derived(self, model: PreTrainedModel, index: Sequence[int] | None) -> MemitSession:
+        requests = self.requests if index is None else [self.requests[i] for i in index]
+        z = self.z if index is None else self.z.select(index)
+        return MemitSession(
+            model,
+            self.tokenizer,
+            requests,
+            self.cfg,
+            self.frozen,
+            self.editor,
+            z=z,
+            templates=self.templates,
+        )
+
+    def select(self, index: Sequence[int]) -> MemitSession:
+        return self._derived(self._model, list(index))
+
+    def on(self, model: PreTrainedModel) -> MemitSession:
+        return self._derived(model, None)
+
+    def relative_residuals(self) -> torch.Tensor:
+        return self.z.relative_residuals
 
     def keys(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """(n, d_in) keys per layer, read on the model's current weights."""
         t0 = time.perf_counter()
         out = compute_keys(
-            self.model, self.tokenizer, self.requests, layers, self.templates, self.cfg.batch_rows
+            self._model, self.tokenizer, self.requests, layers, self.templates, self.cfg.batch_rows
         )
         self.timings["keys"] += time.perf_counter() - t0
         return out
@@ -113,7 +124,7 @@ class MemitSession:
         """(n, d) how far each z still is from the last edited layer's current output."""
         t0 = time.perf_counter()
         cur = current_outputs(
-            self.model, self.tokenizer, self.requests, self.layers[-1], self.cfg.batch_rows
+            self._model, self.tokenizer, self.requests, self.layers[-1], self.cfg.batch_rows
         )
         self.timings["keys"] += time.perf_counter() - t0
         return self.z.z - cur
@@ -121,6 +132,70 @@ class MemitSession:
     def share(self, layer: int) -> float:
         """MEMIT spreads the remaining residual evenly over the layers not yet written."""
         return 1.0 / (len(self.layers) - self.layers.index(layer))
+
+    def inputs(self, layers: Sequence[int]) -> dict[int, LayerInputs]:
+        keys, targets = self.keys(layers), self.targets()
+        return {layer: LayerInputs(keys[layer], targets * self.share(layer)) for layer in layers}
+
+
+class Memit(Editor):
+    name = "memit"
+    summary = "MEMIT (Meng et al. 2023), layers written one after another (published)"
+    config_type = MemitConfig
+    presets = PRESETS
+    frozen = False
+
+    def read_hparams(self, path: Path, base: EditorConfig) -> MemitConfig:
+        """An EasyEdit MEMIT hparams YAML."""
+        return from_easyedit_yaml(path, base)
+
+    def regulariser(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: MemitConfig,
+        base_fingerprint: str | None = None,
+        cache_dir: Path | None = None,
+        progress: Progress = None,
+    ) -> dict[int, torch.Tensor]:
+        """lambda C_0 per layer; C_0 cached on disk by the base model's fingerprint."""
+        layers = self.layers(model, cfg)
+
+        def stats_progress(texts: int, tokens: int) -> None:
+            if progress is not None:
+                progress("statistics", texts, cfg.mom2_n_samples)
+
+        stats = layer_stats(
+            model,
+            tokenizer,
+            layers,
+            cfg.mom2_dataset,
+            cfg.mom2_n_samples,
+            cache_dir=cache_dir,
+            progress=stats_progress,
+            fingerprint=base_fingerprint,
+        )
+        return {layer: cfg.mom2_update_weight * stats[layer].mom2.double() for layer in layers}
+
+    def session(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        cfg: MemitConfig,
+        progress: Progress = None,
+        z: ZResult | None = None,
+        templates: list[list[str]] | None = None,
+    ) -> MemitSession:
+        return MemitSession(
+            model, tokenizer, requests, cfg, self.frozen, self.name, progress, z, templates
+        )
+
+
+class MemitFrozen(Memit):
+    name = "memit-frozen"
+    summary = "MEMIT with every layer's keys and residuals read on the unedited model"
+    frozen = True
 
 
 def edit(
@@ -134,45 +209,8 @@ def edit(
     progress: Progress = None,
     z: ZResult | None = None,
 ) -> EditResult:
-    """Edit `requests` into `model` (in place when `apply`). covariances[layer] = E[k k^T]."""
-    layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
-    missing = [layer for layer in layers if layer not in covariances]
-    if missing:
-        raise ValueError(f"no covariance statistics for layer(s) {missing}")
-    t0 = time.perf_counter()
-    session = MemitSession(model, tokenizer, requests, cfg, progress, z)
-    originals = {layer: arch.read_weight(model, layer) for layer in layers}
-    edits: list[LayerEdit] = []
-    solve = 0.0
-    try:
-        if frozen:
-            keys, targets = session.keys(layers), session.targets()
-        for layer in layers:
-            if not frozen:
-                # read on the model edited so far (earlier layers already written)
-                keys, targets = session.keys([layer]), session.targets()
-            resid = targets * session.share(layer)
-            t1 = time.perf_counter()
-            delta = memit_update(keys[layer].T, resid.T, covariances[layer], cfg.mom2_update_weight)
-            solve += time.perf_counter() - t1
-            edits.append(
-                LayerEdit(layer, arch.mlp_out_name(model, layer), keys[layer], resid, delta)
-            )
-            if not frozen:
-                arch.add_to_weight(model, layer, delta)
-        if frozen and apply:
-            for e in edits:
-                arch.add_to_weight(model, e.layer, e.delta)
-        if not apply:
-            restore(model, originals)
-    except BaseException:
-        restore(model, originals)
-        raise
-    timings = session.timings | {"solve": solve, "total": time.perf_counter() - t0}
-    return EditResult("memit-frozen" if frozen else "memit", edits, session.z, timings)
-
-
-@torch.no_grad()
-def restore(model: PreTrainedModel, originals: dict[int, torch.Tensor]) -> None:
-    for layer, w in originals.items():
-        arch.write_weight(model, layer, w)
+    """MEMIT with given covariances (covariances[layer] = E[k k^T]); in place when `apply`."""
+    editor = MemitFrozen() if frozen else Memit()
+    session = editor.session(model, tokenizer, requests, cfg, progress, z)
+    a0 = {k: cfg.mom2_update_weight * c.double() for k, c in covariances.items()}
+    return closed_form_edit(session, a0, apply=apply)

@@ -1,0 +1,438 @@
+"""A more realistic embedded world (issue 17): contextual keys, general text, shared last names.
+
+The shipped world (train.py) gives layers 0-1 an attention window of one token, so a subject's key
+at the edited layer is a function of its last token alone. This module builds a world whose keys
+are contextual, by three changes that leave the shipped recipe untouched:
+
+* Names are composed. Last names are shared by several subjects (`WorldSpec.n_last_names`), so
+  the subject's last token identifies nobody alone: its state has to combine first and last name.
+* The first `local_layers` blocks attend within a window of a few tokens (`window_size`, default
+  3: the token itself and the two before it). In those layers the subject's last token composes
+  its name and a little context; the prediction position sees only its own few tokens, so for most
+  phrasings it cannot reach the subject and has to read what the subject's position knows from the
+  global layers above (MEMIT's premise). The receptive field of the subject's last token after
+  L local layers is L * (window - 1) + 1 tokens.
+* A general-text component: sentences that state no fact (events, places, people meeting), some of
+  them mentioning subjects in other contexts. It gives the MLP inputs varied contexts, which is
+  what makes the key covariance full rank, and gives MEMIT's generated context prefixes something
+  to say. It is also the covariance corpus (facts + general text, `corpus.txt` in the folder).
+
+Everything else (the schedule driven by sample recall, packing, checkpoints after every epoch that
+a rerun continues from) is the recipe of train.py, reused.
+
+Build (resumable; rerun the same command after an interruption):
+    python -m collabedit.world.realistic build --out DIR --subjects 2000 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from collabedit.world.generator import FILLERS, World, WorldSpec, generate_world
+from collabedit.world.store import BUILD_FILE, WORLD_FILE, WorldBundle, load_world
+from collabedit.world.tokenizer import build_tokenizer
+from collabedit.world.train import (
+    TrainConfig,
+    _load_checkpoint,
+    _save_checkpoint,
+    build_model,
+    fact_prompts,
+    measure_recall,
+)
+
+CORPUS_FILE = "corpus.txt"
+GENERAL_FILE = "general.txt"
+
+# ---------------------------------------------------------------------------------------------
+# General text: sentences that state no fact about any subject.
+
+_NOUNS = (
+    "museum", "bridge", "library", "garden", "river", "market", "station", "harbour", "school",
+    "theatre", "church", "tower", "castle", "hotel", "factory", "village", "forest", "island",
+    "square", "street", "hospital", "prison", "stadium", "palace", "farm", "mill", "lake",
+    "valley", "road", "house", "shop", "ship", "train", "letter", "book", "painting", "song",
+    "newspaper", "meeting", "festival", "storm", "winter", "summer", "company", "family",
+    "committee", "council", "city", "town", "country", "window", "door", "table", "dinner",
+    "concert", "exhibition", "lecture", "journey", "record", "prize",
+)
+_ADJECTIVES = (
+    "old", "new", "small", "large", "quiet", "busy", "famous", "empty", "dark", "bright",
+    "cold", "warm", "long", "short", "strange", "beautiful", "ancient", "modern", "narrow",
+    "wide", "green", "red", "white", "crowded", "local", "public", "private", "simple", "rare",
+    "popular",
+)
+_VERBS = (
+    "opened", "closed", "changed", "grew", "fell", "moved", "ended", "began", "returned",
+    "appeared", "collapsed", "improved", "failed", "burned", "flooded", "recovered", "shrank",
+    "vanished", "reopened", "expanded",
+)
+_TIMES = (
+    "that year", "last week", "in the morning", "at night", "in the spring", "in the autumn",
+    "after the war", "before the storm", "for a while", "every summer", "once again",
+    "in those days",
+)
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)
+# {N},{N2}: nouns; {A},{A2}: adjectives; {V}: verb; {T}: time; {M}: month; {C}: a city object word;
+# {K}: a country; {S},{S2}: subjects. Templates with {S} never say anything about its relations.
+_NEUTRAL = (
+    "The {A} {N} {V} {T}.",
+    "Many people visited the {A} {N} in {C}.",
+    "A {N} {V} near the {N2}.",
+    "Because the {N} was {A}, the {N2} {V}.",
+    "I think the {N} in {C} is {A}.",
+    "You can see the {A} {N} from the {N2}.",
+    "Therefore the {N} {V} again.",
+    "In {M}, the {N} of {K} {V}.",
+    "The {N} near the {A} {N2} {V} {T}.",
+    "Nobody knew why the {N} {V}.",
+    "The {A} {N} of {C} is {A2}.",
+    "It was {A} in {C} {T}.",
+    "The {N} was {A} and the {N2} was {A2}.",
+    "People in {K} say the {N} {V} {T}.",
+)
+_MENTIONS = (
+    "{S} met {S2} at the {N}.",
+    "Yesterday {S} visited the {A} {N}.",
+    "A letter from {S} arrived in {M}.",
+    "{S} and {S2} talked about the {N}.",
+    "Everyone remembers {S}.",
+    "The {N} of {S} was {A}.",
+    "Because {S} was late, the {N} {V}.",
+    "I saw {S} near the {A} {N}.",
+    "You asked {S} about the {N}.",
+    "In {M}, {S} wrote about the {A} {N}.",
+    "Therefore {S} stayed at the {N}.",
+    "The {A} {N} belonged to {S}.",
+    "{S} bought a {A} {N} in {M}.",
+    "Some say that {S} once lost a {N}.",
+)
+
+
+def general_sentence(rng: random.Random, world: World, mention_share: float) -> str:
+    """One sentence of general text; with probability `mention_share` it mentions subjects."""
+    template = rng.choice(_MENTIONS if rng.random() < mention_share else _NEUTRAL)
+    cities = world.relation("P19").objects
+    countries = world.relation("P27").objects
+    s1, s2 = rng.sample(world.subjects, 2)
+    a1, a2 = rng.sample(_ADJECTIVES, 2)
+    n1, n2 = rng.sample(_NOUNS, 2)
+    return template.format(
+        N=n1,
+        N2=n2,
+        A=a1,
+        A2=a2,
+        V=rng.choice(_VERBS),
+        T=rng.choice(_TIMES),
+        M=rng.choice(_MONTHS),
+        C=rng.choice(cities),
+        K=rng.choice(countries),
+        S=s1,
+        S2=s2,
+    )
+
+
+def general_vocabulary() -> list[str]:
+    """Every general-text sentence's fixed words (slots are filled from the lists above)."""
+    words = [*_NOUNS, *_ADJECTIVES, *_VERBS, *_TIMES, *_MONTHS]
+    return words + [t.replace("{", " ").replace("}", " ") for t in _NEUTRAL + _MENTIONS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training recipe: train.py's, plus general text and a few-token window.
+
+
+class RealisticConfig(TrainConfig):
+    """TrainConfig with the realistic world's defaults and the general-text share."""
+
+    local_layers: int = Field(3, ge=0)
+    window_size: int = Field(3, ge=1)
+    n_layer: int = Field(6, ge=1)
+    general_share: float = Field(
+        0.25, ge=0, description="general sentences per fact sentence in each epoch"
+    )
+    mention_share: float = Field(0.5, ge=0, le=1, description="share of them naming subjects")
+    general_weight: float = Field(0.2, ge=0, le=1, description="loss weight of general text")
+    recall_sample: int = Field(3000, ge=10)
+
+
+def realistic_spec(n_subjects: int, seed: int = 0) -> WorldSpec:
+    """Shared names: about 3 subjects per last name and n/13 first names (at least 20 each)."""
+    return WorldSpec(
+        seed=seed,
+        n_subjects=n_subjects,
+        n_first_names=max(20, n_subjects // 13),
+        n_last_names=max(20, math.ceil(n_subjects / 3)),
+        particle_share=0.1,
+    )
+
+
+def general_corpus(world: World, n: int, seed: int, mention_share: float) -> list[str]:
+    rng = random.Random(seed)
+    return [general_sentence(rng, world, mention_share) for _ in range(n)]
+
+
+def _rows(
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: RealisticConfig,
+    rng: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch: every fact in every phrasing once plus general text, packed into rows."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    items: list[tuple[str, str | None]] = [(p, o) for _, p, o in fact_prompts(world)]
+    n_general = round(cfg.general_share * len(items))
+    items += [(general_sentence(rng, world, cfg.mention_share), None) for _ in range(n_general)]
+    rng.shuffle(items)
+    texts = []
+    for p, o in items:
+        if o is not None and rng.random() < cfg.filler_share:
+            p = f"{rng.choice(FILLERS)} {p}"
+        texts.append(p)
+    text_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    obj_ids = tokenizer(
+        [" " + (o if o is not None else "") for _, o in items], add_special_tokens=False
+    )["input_ids"]
+    rows: list[list[int]] = []
+    weights: list[list[float]] = []
+    row: list[int] = []
+    wrow: list[float] = []
+    for (_, o), t_ids, o_ids in zip(items, text_ids, obj_ids, strict=True):
+        if o is None:
+            item = t_ids + [eos]
+            w = [cfg.general_weight] * len(item)
+        else:
+            item = t_ids + o_ids + [eos]
+            w = [cfg.context_weight] * len(t_ids) + [1.0] * (len(o_ids) + 1)
+        if len(item) > cfg.n_positions:
+            raise ValueError(f"sentence longer than n_positions={cfg.n_positions}")
+        if len(row) + len(item) > cfg.n_positions:
+            rows.append(row + [pad] * (cfg.n_positions - len(row)))
+            weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
+            row, wrow = [], []
+        row, wrow = row + item, wrow + w
+    if row:
+        rows.append(row + [pad] * (cfg.n_positions - len(row)))
+        weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights)
+
+
+def train_realistic(
+    world: World,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: RealisticConfig,
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+) -> tuple[PreTrainedModel, list[dict]]:
+    """train.py's schedule (constant rate until sample recall reaches `switch_recall`, then
+    `cooldown_epochs` of linear decay), on facts + general text; checkpoint after every epoch."""
+    rng = random.Random(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    pad = tokenizer.pad_token_id
+    history: list[dict] = []
+    step, cooldown_left, first_epoch = 0, None, 1
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = _load_checkpoint(Path(checkpoint), model, opt, rng, cfg)
+        history, step, cooldown_left = saved["history"], saved["step"], saved["cooldown_left"]
+        first_epoch = saved["epoch"] + 1
+        if saved["done"]:
+            model.eval()
+            return model, history
+    model.train()
+    for epoch in range(first_epoch, cfg.max_epochs + 1):
+        start = time.perf_counter()
+        if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
+            cooldown_left = cfg.max_epochs - epoch + 1
+        rows, weights = _rows(world, tokenizer, cfg, rng)
+        shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
+        order = torch.randperm(len(rows), generator=shuffle)
+        rows, weights = rows[order], weights[order]
+        n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
+        losses = []
+        for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
+            if step < cfg.warmup_steps:
+                scale = (step + 1) / cfg.warmup_steps
+            elif cooldown_left is not None:
+                done = (cfg.cooldown_epochs - cooldown_left + i / n_steps) / cfg.cooldown_epochs
+                scale = 1.0 - 0.95 * min(1.0, done)
+            else:
+                scale = 1.0
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * scale
+            batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
+            logits = model(input_ids=batch, attention_mask=(batch != pad).long()).logits
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none"
+            )
+            loss = (nll * w).sum() / w.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if on_step is not None:
+                on_step(epoch, i + 1, n_steps, loss.item())
+        train_seconds = time.perf_counter() - start
+        recall = measure_recall(model, tokenizer, world, sample=cfg.recall_sample, seed=epoch)
+        model.train()
+        entry = {
+            "epoch": epoch,
+            "loss": sum(losses) / len(losses),
+            "sample_recall": recall["recall"],
+            "cooldown": cooldown_left is not None,
+            "steps": n_steps,
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(entry)
+        done = epoch == cfg.max_epochs
+        if cooldown_left is not None:
+            cooldown_left -= 1
+            done = done or cooldown_left == 0
+        elif recall["recall"] >= cfg.switch_recall:
+            cooldown_left = cfg.cooldown_epochs
+        if checkpoint is not None:
+            _save_checkpoint(
+                Path(checkpoint),
+                model,
+                opt,
+                rng,
+                {
+                    "config": cfg.model_dump(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "cooldown_left": cooldown_left,
+                    "done": done,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(epoch, entry)
+        if done:
+            break
+    model.eval()
+    return model, history
+
+
+def checkpoint_path(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.checkpoint.pt"
+
+
+def build_realistic_world(
+    out: str | os.PathLike[str],
+    spec: WorldSpec,
+    cfg: RealisticConfig,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    corpus_general: int = 50_000,
+) -> WorldBundle:
+    """Generate, train (resumable), measure recall on every prompt, save a world folder that
+    `load_world` reads, plus `corpus.txt` (facts + general text) for covariance statistics."""
+    world = generate_world(spec)
+    general = general_corpus(world, corpus_general, spec.seed + 17, cfg.mention_share)
+    tokenizer = build_tokenizer([*world.vocabulary_text(), *general_vocabulary(), *general])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, history = train_realistic(world, tokenizer, cfg, checkpoint_path(out), on_epoch)
+    recall = measure_recall(model, tokenizer, world)
+    build = {
+        "kind": "realistic (issue 17)",
+        "spec": spec.model_dump(),
+        "train": cfg.model_dump(),
+        "history": history,
+        "train_seconds": sum(h["seconds"] for h in history),
+        "recall": recall["recall"],
+        "min_phrasing_recall": recall["min_phrasing_recall"],
+        "recall_by_phrasing": recall["by_phrasing"],
+        "recall_prompts": recall["n"],
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "vocabulary": len(tokenizer),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        world.save(tmp / WORLD_FILE)
+        (tmp / GENERAL_FILE).write_text("\n".join(general) + "\n")
+        mixed = list(world.sentences()) + general
+        random.Random(spec.seed + 23).shuffle(mixed)
+        (tmp / CORPUS_FILE).write_text("\n".join(mixed) + "\n")
+        (tmp / BUILD_FILE).write_text(json.dumps(build, indent=1) + "\n")
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_world(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a realistic world (issue 17).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or continue building) a world folder")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--subjects", type=int, default=2000)
+    b.add_argument("--first-names", type=int, default=None)
+    b.add_argument("--last-names", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="RealisticConfig fields, e.g. n_layer=8 local_layers=4 window_size=3 n_inner=2048",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = realistic_spec(args.subjects, args.seed)
+    if args.first_names:
+        spec = spec.model_copy(update={"n_first_names": args.first_names})
+    if args.last_names:
+        spec = spec.model_copy(update={"n_last_names": args.last_names})
+    fields = dict(kv.split("=", 1) for kv in args.set)
+    cfg = RealisticConfig(seed=args.seed, **fields)
+    print(json.dumps({"spec": spec.model_dump(), "train": cfg.model_dump()}), flush=True)
+    if checkpoint_path(args.out).is_file():
+        print(f"continuing from {checkpoint_path(args.out)}", flush=True)
+
+    def on_epoch(epoch: int, entry: dict) -> None:
+        print(json.dumps(entry), flush=True)
+
+    bundle = build_realistic_world(args.out, spec, cfg, on_epoch)
+    keys = ("recall", "min_phrasing_recall", "train_seconds", "n_parameters", "vocabulary")
+    print(json.dumps({k: bundle.build[k] for k in keys}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
