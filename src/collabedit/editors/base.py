@@ -136,11 +136,14 @@ class Editor(ABC):
 
     def default_config(self, model: PreTrainedModel) -> EditorConfig:
         """The preset the model's config declares for this editor (`collabedit_presets`, e.g.
-        {"memit": "world"}, written by whoever built the model), else the preset named after
-        the model (gpt2-xl, gpt-j-6b), else the config's defaults."""
+        {"memit": "world"} or {"*": "world"}, written by whoever built the model), else the
+        preset named after the model (gpt2-xl, gpt-j-6b), else the config's defaults."""
         declared = getattr(model.config, PRESETS_ATTR, None) or {}
-        if isinstance(declared, dict) and declared.get(self.name) in self.presets:
-            return self.preset(declared[self.name])
+        if isinstance(declared, dict):
+            # by editor name, or "*": the preset name any editor uses if it has one
+            for key in (self.name, "*"):
+                if declared.get(key) in self.presets:
+                    return self.preset(declared[key])
         name = str(getattr(model.config, "_name_or_path", "")).rstrip("/").split("/")[-1].lower()
         if name in self.presets:
             return self.preset(name)

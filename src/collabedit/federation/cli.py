@@ -30,6 +30,13 @@ def init_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the Flower app into.")],
     model: Annotated[str, typer.Option(help="HF id, local folder or 'world'.")] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
+    editor: Annotated[str, typer.Option(help="Registered editor (collabedit editors list).")] = (
+        "memit-frozen"
+    ),
+    editor_config: Annotated[
+        str, typer.Option(help='Editor config fields as JSON, e.g. {"v_num_grad_steps": 20}.')
+    ] = "",
+    method: Annotated[str, typer.Option(help="Merge method (collabedit methods).")] = "collabedit",
     rounds: Annotated[int, typer.Option(help="Rounds per Flower run.")] = 1,
     min_clients: Annotated[int, typer.Option(help="Clients needed per round.")] = 2,
     secure_aggregation: Annotated[bool, typer.Option(help="SecAgg+ (experimental).")] = False,
@@ -47,6 +54,9 @@ def init_cmd(
     settings = _settings(
         model,
         layers,
+        editor=editor,
+        editor_config=editor_config,
+        method=method,
         rounds=rounds,
         min_clients=min_clients,
         secure_aggregation=secure_aggregation,
@@ -64,6 +74,13 @@ def simulate_cmd(
     edits_per_client: Annotated[int, typer.Option(help="World requests per client.")] = 4,
     model: Annotated[str, typer.Option(help="A world folder or 'world'.")] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
+    editor: Annotated[str, typer.Option(help="Registered editor (collabedit editors list).")] = (
+        "memit-frozen"
+    ),
+    editor_config: Annotated[
+        str, typer.Option(help='Editor config fields as JSON, e.g. {"v_num_grad_steps": 20}.')
+    ] = "",
+    method: Annotated[str, typer.Option(help="Merge method (collabedit methods).")] = "collabedit",
     mom2_samples: Annotated[int, typer.Option(help="Texts for C (0 = preset's).")] = 0,
     transport: Annotated[str, typer.Option(help="full or factor.")] = "full",
     secure_aggregation: Annotated[bool, typer.Option(help="SecAgg+ (experimental).")] = False,
@@ -81,6 +98,9 @@ def simulate_cmd(
     settings = _settings(
         model,
         layers,
+        editor=editor,
+        editor_config=editor_config,
+        method=method,
         mom2_samples=mom2_samples,
         transport=transport,
         secure_aggregation=secure_aggregation,

@@ -25,7 +25,7 @@ BUILD_FILE = "build.json"
 # attribute name is editors.base.PRESETS_ATTR, repeated here so that neither package needs the
 # other.
 PRESETS_ATTR = "collabedit_presets"
-WORLD_PRESETS = {"memit": "world", "memit-frozen": "world"}
+WORLD_PRESETS = {"*": "world"}  # every editor's preset named "world", where it has one
 
 
 @dataclass

@@ -91,7 +91,7 @@ class MemitSession(EditSession):
     def _derived(self, model: PreTrainedModel, index: Sequence[int] | None) -> MemitSession:
         requests = self.requests if index is None else [self.requests[i] for i in index]
         z = self.z if index is None else self.z.select(index)
-        return MemitSession(
+        return type(self)(
             model,
             self.tokenizer,
             requests,
