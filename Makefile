@@ -20,6 +20,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

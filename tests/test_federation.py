@@ -208,7 +208,7 @@ def test_core_package_does_not_import_flower():
     import sys
 
     code = (
-        "import sys, collabedit.cli, collabedit.collab.server, collabedit.federation.engine\n"
+        "import sys, collabedit.cli, collabedit.collab.rounds, collabedit.federation.engine\n"
         "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')]\n"
         "assert not bad, bad[:5]\n"
     )

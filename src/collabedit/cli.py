@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from collabedit import io
+from collabedit.defaults import DEFAULT_EDITOR, DEFAULT_SINGLE_EDITOR
 from collabedit.federation.cli import federate_app  # imports no Flower until a command runs
 
 app = typer.Typer(
@@ -191,7 +192,7 @@ def demo(
     clients: Annotated[int, typer.Option(help="Number of clients.")] = 10,
     edits_per_client: Annotated[int, typer.Option(help="Private requests per client.")] = 10,
     seed: int = 0,
-    editor: Annotated[str, typer.Option(help=_editor_help())] = "memit-frozen",
+    editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
     params: Annotated[
         list[str] | None,
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
@@ -255,7 +256,7 @@ def bench(
         list[str] | None, typer.Option("--set", help="key=value (JSON values), repeatable.")
     ] = None,
     world: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
-    editor: Annotated[str, typer.Option(help=_editor_help())] = "memit-frozen",
+    editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
     params: Annotated[
         list[str] | None,
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
@@ -321,7 +322,9 @@ def stats(
         str | None, typer.Option(help="'world', a text file, or an HF dataset id.")
     ] = None,
     samples: Annotated[int | None, typer.Option(help="Texts to read.")] = None,
-    editor: Annotated[str, typer.Option(help="Editor whose preset picks the defaults.")] = "memit",
+    editor: Annotated[
+        str, typer.Option(help="Editor whose preset picks the defaults.")
+    ] = DEFAULT_SINGLE_EDITOR,
     cache: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -399,7 +402,7 @@ def edit_cmd(
     model: ModelOpt,
     requests: Annotated[Path, typer.Option("--requests", "-r", help="Request file.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder (model) or file (--delta).")],
-    editor: Annotated[str, typer.Option(help=_editor_help())] = "memit",
+    editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_SINGLE_EDITOR,
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
@@ -490,7 +493,7 @@ def client_edit(
         info = RoundInfo.from_state(state)
         send_delta = "delta" in get_method(state.method).client_sends
         editor = editor or state.editor or None
-    editor = editor or "memit-frozen"
+    editor = editor or DEFAULT_EDITOR
     if info is not None and layers is None:
         layers = ",".join(map(str, info.layers))
     with _progress() as bar:
@@ -582,7 +585,7 @@ def server_merge(
         editor = editor or saved.editor or None
         if layers is None:
             layers = ",".join(map(str, saved.layers))
-    editor = editor or "memit-frozen"
+    editor = editor or DEFAULT_EDITOR
     with _progress() as bar:
         setup = _open_setup(model, editor, preset_name, hparams, layers, bar, origin)
     try:

@@ -13,20 +13,16 @@ import copy
 import time
 from collections.abc import Sequence
 
-from collabedit.bench.lab import CF_KEYS, DEFAULT_EDITOR, ZSRE_KEYS, Lab, Log, split_evenly
+from collabedit.bench.lab import CF_KEYS, ZSRE_KEYS, Lab, Log, split_evenly
 from collabedit.collab.merge import METHODS
 from collabedit.collab.protocol import layer_sync_round, merge_updates, relative_gap
 from collabedit.collab.rounds import client_round
 from collabedit.collab.setup import EditingSetup
-from collabedit.editors import EditSession, closed_form_edit
+from collabedit.editors import DEFAULT_EDITOR, FIDELITY_EDITORS, EditSession, closed_form_edit
 from collabedit.editors.base import EditorConfig
 from collabedit.models import arch
 from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import WorldBundle
-
-# the editors whose fidelity the default demo reports: the frozen editor is exact by
-# construction, the sequential one shows what the layer-synchronous protocol is for
-DEFAULT_FIDELITY_EDITORS = ("memit-frozen", "memit")
 
 
 def method_rows() -> tuple[str, ...]:
@@ -96,7 +92,7 @@ def run_demo(
     start = time.perf_counter()
     lab = Lab.open(bundle, cfg, editor=editor, method_params=method_params)
     if fidelity_editors is None:
-        fidelity_editors = DEFAULT_FIDELITY_EDITORS if editor == DEFAULT_EDITOR else (editor,)
+        fidelity_editors = FIDELITY_EDITORS if editor == DEFAULT_EDITOR else (editor,)
     n = n_clients * edits_per_client
     methods: dict[str, dict] = {row: {} for row in method_rows()}
     fid: dict[str, float] = {}

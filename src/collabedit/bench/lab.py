@@ -17,7 +17,7 @@ from collabedit.collab.merge import METHODS
 from collabedit.collab.protocol import apply_deltas, merge_updates
 from collabedit.collab.rounds import RoundInfo, client_round
 from collabedit.collab.setup import EditingSetup
-from collabedit.editors import EditSession, closed_form_edit
+from collabedit.editors import DEFAULT_EDITOR, EditSession, closed_form_edit
 from collabedit.editors.base import EditorConfig
 from collabedit.evaluate.metrics import evaluate_requests
 from collabedit.models import arch
@@ -26,7 +26,6 @@ from collabedit.world.store import WorldBundle
 
 CF_KEYS = ("ES", "PS", "NS", "Score")
 ZSRE_KEYS = ("EA", "PA", "NA", "zsRE_Score")
-DEFAULT_EDITOR = "memit-frozen"
 
 Log = Callable[[str], None]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from collabedit.defaults import DEFAULT_EDITOR, DEFAULT_SINGLE_EDITOR, FIDELITY_EDITORS
 from collabedit.editors.base import (
     Editor,
     EditorConfig,
@@ -111,7 +112,7 @@ def apply_edits(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
-    editor: str = "memit",
+    editor: str = DEFAULT_SINGLE_EDITOR,
     config: EditorConfig | None = None,
     apply: bool = True,
     progress: Progress = None,
@@ -129,6 +130,9 @@ def apply_edits(
 
 
 __all__ = [
+    "DEFAULT_EDITOR",
+    "DEFAULT_SINGLE_EDITOR",
+    "FIDELITY_EDITORS",
     "EditResult",
     "EditSession",
     "Editor",

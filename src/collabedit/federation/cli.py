@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from collabedit.defaults import DEFAULT_EDITOR
+
 federate_app = typer.Typer(
     help="Real federation on Flower (needs collabedit's `flower` extra).",
     no_args_is_help=True,
@@ -30,9 +32,9 @@ def init_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the Flower app into.")],
     model: Annotated[str, typer.Option(help="HF id, local folder or 'world'.")] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
-    editor: Annotated[str, typer.Option(help="Registered editor (collabedit editors list).")] = (
-        "memit-frozen"
-    ),
+    editor: Annotated[
+        str, typer.Option(help="Registered editor (collabedit editors list).")
+    ] = DEFAULT_EDITOR,
     editor_config: Annotated[
         str, typer.Option(help='Editor config fields as JSON, e.g. {"v_num_grad_steps": 20}.')
     ] = "",
@@ -74,9 +76,9 @@ def simulate_cmd(
     edits_per_client: Annotated[int, typer.Option(help="World requests per client.")] = 4,
     model: Annotated[str, typer.Option(help="A world folder or 'world'.")] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
-    editor: Annotated[str, typer.Option(help="Registered editor (collabedit editors list).")] = (
-        "memit-frozen"
-    ),
+    editor: Annotated[
+        str, typer.Option(help="Registered editor (collabedit editors list).")
+    ] = DEFAULT_EDITOR,
     editor_config: Annotated[
         str, typer.Option(help='Editor config fields as JSON, e.g. {"v_num_grad_steps": 20}.')
     ] = "",

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from collabedit.defaults import DEFAULT_EDITOR
+
 # Set in every process we start and before Flower is imported: no telemetry, no update check, no
 # `uv sync` of app dependencies at run time.
 FLOWER_ENV = {
@@ -40,7 +42,7 @@ class ServerSettings(BaseModel):
     editor_config: str = Field(
         "", description='JSON object of editor config fields, e.g. {"v_num_grad_steps": 20}'
     )
-    editor: str = Field("memit-frozen", description="registered editor (collabedit editors list)")
+    editor: str = Field(DEFAULT_EDITOR, description="registered editor (collabedit editors list)")
     method: str = Field("collabedit", description="merge method (collabedit methods)")
     protocol: Literal["one-shot"] = "one-shot"
     rounds: int = Field(1, ge=1, description="merged rounds to run in this Flower run")
