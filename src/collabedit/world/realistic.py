@@ -49,7 +49,6 @@ from collabedit.world.train import (
     _load_checkpoint,
     _save_checkpoint,
     build_model,
-    fact_prompts,
     measure_recall,
 )
 
@@ -60,33 +59,148 @@ GENERAL_FILE = "general.txt"
 # General text: sentences that state no fact about any subject.
 
 _NOUNS = (
-    "museum", "bridge", "library", "garden", "river", "market", "station", "harbour", "school",
-    "theatre", "church", "tower", "castle", "hotel", "factory", "village", "forest", "island",
-    "square", "street", "hospital", "prison", "stadium", "palace", "farm", "mill", "lake",
-    "valley", "road", "house", "shop", "ship", "train", "letter", "book", "painting", "song",
-    "newspaper", "meeting", "festival", "storm", "winter", "summer", "company", "family",
-    "committee", "council", "city", "town", "country", "window", "door", "table", "dinner",
-    "concert", "exhibition", "lecture", "journey", "record", "prize",
+    "museum",
+    "bridge",
+    "library",
+    "garden",
+    "river",
+    "market",
+    "station",
+    "harbour",
+    "school",
+    "theatre",
+    "church",
+    "tower",
+    "castle",
+    "hotel",
+    "factory",
+    "village",
+    "forest",
+    "island",
+    "square",
+    "street",
+    "hospital",
+    "prison",
+    "stadium",
+    "palace",
+    "farm",
+    "mill",
+    "lake",
+    "valley",
+    "road",
+    "house",
+    "shop",
+    "ship",
+    "train",
+    "letter",
+    "book",
+    "painting",
+    "song",
+    "newspaper",
+    "meeting",
+    "festival",
+    "storm",
+    "winter",
+    "summer",
+    "company",
+    "family",
+    "committee",
+    "council",
+    "city",
+    "town",
+    "country",
+    "window",
+    "door",
+    "table",
+    "dinner",
+    "concert",
+    "exhibition",
+    "lecture",
+    "journey",
+    "record",
+    "prize",
 )
 _ADJECTIVES = (
-    "old", "new", "small", "large", "quiet", "busy", "famous", "empty", "dark", "bright",
-    "cold", "warm", "long", "short", "strange", "beautiful", "ancient", "modern", "narrow",
-    "wide", "green", "red", "white", "crowded", "local", "public", "private", "simple", "rare",
+    "old",
+    "new",
+    "small",
+    "large",
+    "quiet",
+    "busy",
+    "famous",
+    "empty",
+    "dark",
+    "bright",
+    "cold",
+    "warm",
+    "long",
+    "short",
+    "strange",
+    "beautiful",
+    "ancient",
+    "modern",
+    "narrow",
+    "wide",
+    "green",
+    "red",
+    "white",
+    "crowded",
+    "local",
+    "public",
+    "private",
+    "simple",
+    "rare",
     "popular",
 )
 _VERBS = (
-    "opened", "closed", "changed", "grew", "fell", "moved", "ended", "began", "returned",
-    "appeared", "collapsed", "improved", "failed", "burned", "flooded", "recovered", "shrank",
-    "vanished", "reopened", "expanded",
+    "opened",
+    "closed",
+    "changed",
+    "grew",
+    "fell",
+    "moved",
+    "ended",
+    "began",
+    "returned",
+    "appeared",
+    "collapsed",
+    "improved",
+    "failed",
+    "burned",
+    "flooded",
+    "recovered",
+    "shrank",
+    "vanished",
+    "reopened",
+    "expanded",
 )
 _TIMES = (
-    "that year", "last week", "in the morning", "at night", "in the spring", "in the autumn",
-    "after the war", "before the storm", "for a while", "every summer", "once again",
+    "that year",
+    "last week",
+    "in the morning",
+    "at night",
+    "in the spring",
+    "in the autumn",
+    "after the war",
+    "before the storm",
+    "for a while",
+    "every summer",
+    "once again",
     "in those days",
 )
 _MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 )
 # {N},{N2}: nouns; {A},{A2}: adjectives; {V}: verb; {T}: time; {M}: month; {C}: a city object word;
 # {K}: a country; {S},{S2}: subjects. Templates with {S} never say anything about its relations.
@@ -126,12 +240,17 @@ _MENTIONS = (
 
 def general_sentence(rng: random.Random, world: World, mention_share: float) -> str:
     """One sentence of general text; with probability `mention_share` it mentions subjects."""
+    return _general(rng, world, mention_share)[0]
+
+
+def _general(rng: random.Random, world: World, mention_share: float) -> tuple[str, list[str]]:
     template = rng.choice(_MENTIONS if rng.random() < mention_share else _NEUTRAL)
     cities = world.relation("P19").objects
     countries = world.relation("P27").objects
     s1, s2 = rng.sample(world.subjects, 2)
     a1, a2 = rng.sample(_ADJECTIVES, 2)
     n1, n2 = rng.sample(_NOUNS, 2)
+    named = [s for key, s in (("{S}", s1), ("{S2}", s2)) if key in template]
     return template.format(
         N=n1,
         N2=n2,
@@ -144,7 +263,7 @@ def general_sentence(rng: random.Random, world: World, mention_share: float) -> 
         K=rng.choice(countries),
         S=s1,
         S2=s2,
-    )
+    ), named
 
 
 def general_vocabulary() -> list[str]:
@@ -168,6 +287,12 @@ class RealisticConfig(TrainConfig):
     )
     mention_share: float = Field(0.5, ge=0, le=1, description="share of them naming subjects")
     general_weight: float = Field(0.2, ge=0, le=1, description="loss weight of general text")
+    subject_bottleneck: bool = Field(
+        False,
+        description="in training only, tokens after a subject may not attend to the subject's "
+        "tokens other than its last, so what the prediction learns about a subject it reads "
+        "from the subject's last token (the model is an ordinary one at inference)",
+    )
     recall_sample: int = Field(3000, ge=10)
 
 
@@ -187,32 +312,57 @@ def general_corpus(world: World, n: int, seed: int, mention_share: float) -> lis
     return [general_sentence(rng, world, mention_share) for _ in range(n)]
 
 
+def _find(seq: list[int], sub: list[int]) -> int:
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    raise ValueError("subject not found in its sentence's tokens")
+
+
 def _rows(
     world: World,
     tokenizer: PreTrainedTokenizerFast,
     cfg: RealisticConfig,
     rng: random.Random,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch: every fact in every phrasing once plus general text, packed into rows."""
+) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+    """One epoch: every fact in every phrasing once plus general text, packed into rows.
+
+    Returns token rows, per-token loss weights, and per row the (first, last) token positions of
+    every subject mention (for the training-time subject bottleneck)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    items: list[tuple[str, str | None]] = [(p, o) for _, p, o in fact_prompts(world)]
+    items: list[tuple[str, str | None, list[str]]] = [
+        (t.format(subj), obj, [subj])
+        for subj, rel, obj in world.iter_facts()
+        for t in rel.phrasings
+    ]
     n_general = round(cfg.general_share * len(items))
-    items += [(general_sentence(rng, world, cfg.mention_share), None) for _ in range(n_general)]
+    for _ in range(n_general):
+        text, named = _general(rng, world, cfg.mention_share)
+        items.append((text, None, named))
     rng.shuffle(items)
     texts = []
-    for p, o in items:
+    for p, o, _ in items:
         if o is not None and rng.random() < cfg.filler_share:
             p = f"{rng.choice(FILLERS)} {p}"
         texts.append(p)
     text_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     obj_ids = tokenizer(
-        [" " + (o if o is not None else "") for _, o in items], add_special_tokens=False
+        [" " + (o if o is not None else "") for _, o, _ in items], add_special_tokens=False
     )["input_ids"]
+    subject_ids: dict[str, list[int]] = {}
     rows: list[list[int]] = []
     weights: list[list[float]] = []
+    spans: list[list[tuple[int, int]]] = []
     row: list[int] = []
     wrow: list[float] = []
-    for (_, o), t_ids, o_ids in zip(items, text_ids, obj_ids, strict=True):
+    srow: list[tuple[int, int]] = []
+
+    def flush() -> None:
+        rows.append(row + [pad] * (cfg.n_positions - len(row)))
+        weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
+        spans.append(srow)
+
+    for (_, o, named), t_ids, o_ids in zip(items, text_ids, obj_ids, strict=True):
         if o is None:
             item = t_ids + [eos]
             w = [cfg.general_weight] * len(item)
@@ -222,14 +372,37 @@ def _rows(
         if len(item) > cfg.n_positions:
             raise ValueError(f"sentence longer than n_positions={cfg.n_positions}")
         if len(row) + len(item) > cfg.n_positions:
-            rows.append(row + [pad] * (cfg.n_positions - len(row)))
-            weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
-            row, wrow = [], []
+            flush()
+            row, wrow, srow = [], [], []
+        for subj in named:
+            if subj not in subject_ids:
+                subject_ids[subj] = tokenizer(subj, add_special_tokens=False)["input_ids"]
+            ids = subject_ids[subj]
+            first = _find(t_ids, ids)
+            srow.append((len(row) + first, len(row) + first + len(ids) - 1))
         row, wrow = row + item, wrow + w
     if row:
-        rows.append(row + [pad] * (cfg.n_positions - len(row)))
-        weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights)
+        flush()
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights), spans
+
+
+def bottleneck_masks(
+    batch: torch.Tensor, spans: list[list[tuple[int, int]]], pad: int, window: int
+) -> dict[str, torch.Tensor]:
+    """Boolean (B, 1, T, T) masks, True = may attend: causal, no padding keys, and no query after a
+    subject attending to the subject's tokens before its last; the sliding layers' mask also
+    keeps keys within `window` tokens."""
+    b, t = batch.shape
+    q = torch.arange(t)[:, None]
+    k = torch.arange(t)[None, :]
+    allowed = (k <= q)[None].repeat(b, 1, 1) & (batch != pad)[:, None, :]
+    for i, row_spans in enumerate(spans):
+        for first, last in row_spans:
+            if last > first:
+                allowed[i, last + 1 :, first:last] = False
+    full = allowed[:, None]
+    sliding = (allowed & (k > q - window)[None])[:, None]
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 def train_realistic(
@@ -269,10 +442,11 @@ def train_realistic(
         start = time.perf_counter()
         if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
             cooldown_left = cfg.max_epochs - epoch + 1
-        rows, weights = _rows(world, tokenizer, cfg, rng)
+        rows, weights, spans = _rows(world, tokenizer, cfg, rng)
         shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
         order = torch.randperm(len(rows), generator=shuffle)
         rows, weights = rows[order], weights[order]
+        spans = [spans[j] for j in order.tolist()]
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
         losses = []
         for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
@@ -286,7 +460,13 @@ def train_realistic(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
             batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
-            logits = model(input_ids=batch, attention_mask=(batch != pad).long()).logits
+            if cfg.subject_bottleneck:
+                mask = bottleneck_masks(
+                    batch, spans[b : b + cfg.rows_per_batch], pad, cfg.window_size
+                )
+            else:
+                mask = (batch != pad).long()
+            logits = model(input_ids=batch, attention_mask=mask).logits
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none"
             )
