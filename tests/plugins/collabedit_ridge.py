@@ -50,7 +50,10 @@ class Ridge(Editor):
             for layer in self.layers(model, cfg)
         }
 
-    def session(self, model, tokenizer, requests, cfg, progress=None, z=None, templates=None):
+    def session(self, model, tokenizer, requests, cfg, progress=None, reuse=None, z=None,
+                templates=None):
+        if z is None and isinstance(reuse, MemitSession) and reuse.layers[-1] == cfg.layers[-1]:
+            z, templates = reuse.z, reuse.templates  # MEMIT's z, at the same layer
         frozen = True
         return RidgeSession(model, tokenizer, requests, cfg, frozen, self.name, progress, z,
                             templates)

@@ -50,9 +50,7 @@ def _fidelity(
         setup = EditingSetup.open(
             (lab.model, lab.tok), editor, overrides=lab.cfg.model_dump() | {"layers": layers}
         )
-        full = setup.editor.session(
-            m64, lab.tok, session.requests, setup.cfg, **_reuse(session, setup.cfg)
-        )
+        full = setup.editor.session(m64, lab.tok, session.requests, setup.cfg, reuse=session)
         glob = closed_form_edit(full, setup.regulariser, apply=False)
         reference = {e.layer: e.delta for e in glob.layers}
         clients = [full.select(idx) for idx in parts]
@@ -68,13 +66,6 @@ def _fidelity(
             arch.restore(m64, original)
     log("[fidelity] " + ", ".join(f"{k} {v:.2e}" for k, v in fid.items()))
     return fid
-
-
-def _reuse(session: EditSession, cfg: EditorConfig) -> dict:
-    """What a new session of the same requests may take over from `session` (MEMIT-like
-    sessions: their target vectors, which sit at the last edited layer, unchanged here)."""
-    z = getattr(session, "z", None)
-    return {"z": z} if z is not None and cfg.layers[-1] == session.layers[-1] else {}
 
 
 def run_demo(

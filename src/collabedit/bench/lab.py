@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collabedit.collab.merge import METHODS
+from collabedit.collab.merge import METHODS, get_method
 from collabedit.collab.protocol import apply_deltas, merge_updates
 from collabedit.collab.rounds import RoundInfo, client_round
 from collabedit.collab.setup import EditingSetup
@@ -66,7 +66,7 @@ class Lab:
         overrides = cfg.model_dump() if cfg is not None else None
         setup = EditingSetup.open((bundle.model, bundle.tokenizer), editor, overrides=overrides)
         for name, params in (method_params or {}).items():
-            METHODS[name].config(**params) if name in METHODS else _unknown(name)
+            get_method(name).config(**params)  # unknown methods and parameters fail here
         return cls(bundle, setup, dict(method_params or {}))
 
     @property
@@ -163,7 +163,3 @@ class Lab:
             if log:
                 log(f"{method}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[method].items()))
         return out
-
-
-def _unknown(name: str) -> None:
-    raise ValueError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}")

@@ -183,8 +183,12 @@ class Editor(ABC):
         requests: Sequence[EditRequest],
         cfg: EditorConfig,
         progress: Progress = None,
+        reuse: EditSession | None = None,
     ) -> EditSession:
-        """Validate the requests (before any weight changes) and prepare their targets."""
+        """Validate the requests (before any weight changes) and prepare their targets.
+
+        `reuse`: a session of the same requests on the same base model (perhaps another editor's
+        or another copy's) whose prepared work this one may take over where it is valid."""
 
     def describe(self) -> dict:
         """Name, summary, config fields with defaults and descriptions, presets (for

@@ -184,12 +184,26 @@ class Memit(Editor):
         requests: Sequence[EditRequest],
         cfg: MemitConfig,
         progress: Progress = None,
+        reuse: EditSession | None = None,
         z: ZResult | None = None,
         templates: list[list[str]] | None = None,
     ) -> MemitSession:
+        """`z`: target vectors already optimised for these requests on this base model; taken
+        from `reuse` too when it is a MEMIT session whose z sits at the same layer with the
+        same z settings (z depends on nothing else)."""
+        if z is None and isinstance(reuse, MemitSession) and _same_z(reuse, model, cfg):
+            z, templates = reuse.z, templates or reuse.templates
         return MemitSession(
             model, tokenizer, requests, cfg, self.frozen, self.name, progress, z, templates
         )
+
+
+def _same_z(other: MemitSession, model: PreTrainedModel, cfg: MemitConfig) -> bool:
+    layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
+    z_fields = {"layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples"}
+    return layers[-1] == other.layers[-1] and cfg.model_dump(exclude=z_fields) == (
+        other.cfg.model_dump(exclude=z_fields)
+    )
 
 
 class MemitFrozen(Memit):
@@ -211,6 +225,6 @@ def edit(
 ) -> EditResult:
     """MEMIT with given covariances (covariances[layer] = E[k k^T]); in place when `apply`."""
     editor = MemitFrozen() if frozen else Memit()
-    session = editor.session(model, tokenizer, requests, cfg, progress, z)
+    session = editor.session(model, tokenizer, requests, cfg, progress, z=z)
     a0 = {k: cfg.mom2_update_weight * c.double() for k, c in covariances.items()}
     return closed_form_edit(session, a0, apply=apply)
