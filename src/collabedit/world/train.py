@@ -11,16 +11,13 @@ n_inner above N + the ~380 other words.
 
 Why the first layers attend only to their own token. MEMIT assumes that a model recalls a fact
 by enriching the subject's last token in its early MLPs, and that later layers read that token.
-Large pre-trained models do this; a small model trained on short fact sentences does not: our
-first world (a plain GPT-2, 6 x 128) copied the subject's name to the prediction position with
-attention in its first layer and looked the fact up there. Causal tracing found no effect of the
-subject position at any layer (at most 0.034 of p(true) restored) and MEMIT could not move any
-prediction (z loss 20 nats). Sharing first and last names among subjects, so that the identity
-has to be composed, did not change that (trace effect <= 0.005). So the world model is a Qwen2
-whose first `local_layers` blocks use a sliding window of `window_size` = 1 token: in those
-layers no information moves between positions, the only way a fact reaches the prediction is
-through the subject's own position, and MEMIT's premise holds by construction (the causal trace
-of the shipped model is in docs/benchmarks.md).
+A small model trained on short fact sentences does not learn this by itself: it moves the
+subject's name to the prediction position and looks the fact up there, where MEMIT cannot reach
+it (docs/history.md has the measurements). So the world model is a Qwen2 whose first
+`local_layers` blocks use a sliding window of `window_size` = 1 token: in those layers no
+information moves between positions, the only way a fact reaches the prediction is through the
+subject's own position, and MEMIT's premise holds by construction (the causal trace of the
+shipped model is in docs/benchmarks.md).
 """
 
 from __future__ import annotations
