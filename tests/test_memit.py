@@ -199,7 +199,7 @@ def test_update_satisfies_its_normal_equations(d_in, d_out, n, lam, seed):
 def test_unmet_residual_measures_what_the_update_cannot_deliver():
     """A layer delivers each residual at its key when the keys fit in its width and lambda is
     small; it cannot when there are more edits than key dimensions, nor when C dominates."""
-    from collabedit.editors.memit.editor import LayerEdit
+    from collabedit.editors import LayerEdit
 
     gen = torch.Generator().manual_seed(0)
     d_in, d_out = 32, 16

@@ -223,7 +223,12 @@ def edit(
     progress: Progress = None,
     z: ZResult | None = None,
 ) -> EditResult:
-    """MEMIT with given covariances (covariances[layer] = E[k k^T]); in place when `apply`."""
+    """MEMIT with given covariances (covariances[layer] = E[k k^T]); in place when `apply`.
+    Layers and covariances are checked before any work."""
+    layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
+    missing = [layer for layer in layers if layer not in covariances]
+    if missing:
+        raise ValueError(f"no covariance statistics for layer(s) {missing}")
     editor = MemitFrozen() if frozen else Memit()
     session = editor.session(model, tokenizer, requests, cfg, progress, z=z)
     a0 = {k: cfg.mom2_update_weight * c.double() for k, c in covariances.items()}
