@@ -12,7 +12,11 @@ from collabedit.requests import RequestFileError
 from collabedit.world.edit_requests import world_conflict_pairs
 from collabedit.world.generator import WorldSpec, generate_world
 
-SHARED_CONFLICT = (
+# a few records of the published easy_conflict_1000_p1.json (source and licence: README.md there)
+SAMPLE = Path(__file__).resolve().parent / "fixtures" / "conflict" / "easy_conflict_sample.json"
+SAMPLE_INDICES = (0, 1, 2, 3, 4, 5, 6, 187)  # their record numbers in the published file
+# the whole published file, when the reference data sits next to the project (not in a clone)
+PUBLISHED = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "easy_conflict_1000_p1.json"
 )
 
@@ -28,20 +32,42 @@ RECORD = {
 }
 
 
-def test_reads_the_published_conflict_file() -> None:
-    pairs = load_conflict_pairs(SHARED_CONFLICT)
-    raw = json.loads(SHARED_CONFLICT.read_text())
-    assert len(pairs) == len(raw) == 1000
+def test_reads_the_published_conflict_format() -> None:
+    pairs = load_conflict_pairs(SAMPLE)
+    raw = json.loads(SAMPLE.read_text())
+    assert len(pairs) == len(raw) == len(SAMPLE_INDICES)
     for pair, rec in zip(pairs, raw, strict=True):
         assert pair.first.subject == pair.second.subject == rec["edit"]["subject"]["label"]
         assert pair.first.prompt == pair.second.prompt == rec["edit"]["relation"]["prompt"]
         assert pair.first.target_new == rec["edit"]["new_object"].strip()
         assert pair.second.target_new == rec["edit"]["conflict_object"]["label"].strip()
         assert pair.first.target_true == rec["edit"]["object"]["label"].strip()
-    ids = [r.case_id for p in pairs for r in (p.first, p.second)]
-    assert len(set(ids)) == 2000
-    # the published file asks for the same object on both sides in some records
-    assert sum(p.is_overlap for p in pairs) == 71
+        assert pair.first.relation_id == rec["edit"]["relation"]["id"]
+        assert pair.kind == rec["type"]
+        query = rec["edit"]["relation"]["query"]
+        assert pair.first.paraphrase_prompts == [query.format(rec["edit"]["subject"]["label"])]
+    # record i gives case ids 2i and 2i+1
+    assert [(p.first.case_id, p.second.case_id) for p in pairs] == [
+        (2 * i, 2 * i + 1) for i in range(len(pairs))
+    ]
+    first = pairs[0]
+    assert (first.first.subject, first.first.target_new, first.second.target_new) == (
+        "fpart", "fraking", "franking"
+    )
+    # the published file asks for the same object on both sides in some records: record 6
+    # exactly ("Amiuk"), record 187 up to case ("Garage House" / "garage house")
+    assert [p.is_overlap for p in pairs] == [False] * 6 + [True, True]
+    assert pairs[7].first.target_new != pairs[7].second.target_new
+
+
+@pytest.mark.skipif(not PUBLISHED.is_file(), reason="the published conflict file is absent")
+def test_sample_is_a_verbatim_copy_and_the_whole_file_loads() -> None:
+    raw = json.loads(PUBLISHED.read_text())
+    assert json.loads(SAMPLE.read_text()) == [raw[i] for i in SAMPLE_INDICES]
+    pairs = load_conflict_pairs(PUBLISHED)
+    assert len(pairs) == 1000
+    assert len({r.case_id for p in pairs for r in (p.first, p.second)}) == 2000
+    assert sum(p.is_overlap for p in pairs) == 71  # 66 exactly, 5 more up to case
 
 
 def test_record_becomes_two_requests_with_the_question_as_paraphrase(tmp_path: Path) -> None:
