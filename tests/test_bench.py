@@ -53,16 +53,31 @@ def test_overlap_bench_residual_shrinks_once_edited(tmp_path):
     assert rows[1]["ES"] > rows[0]["ES"] + 50  # the merged edits took
 
 
-def test_forgetting_bench_first_round_does_not_depend_on_the_covariance_mode(tmp_path):
+def test_forgetting_bench_dynamic_covariance_keeps_round_one_edits(tmp_path):
     data = bench(tmp_path, "forgetting", "rounds=2", "edits_per_round=8", "clients=2")
     imm, dyn = data["immutable"], data["dynamic"]
     # nothing has been merged before round 1, so both modes solve the same system there
     assert imm[0]["first_round"] == dyn[0]["first_round"]
-    assert [r["round"] for r in imm] == [1, 2]
+    assert imm[0]["first_round_margin"] == dyn[0]["first_round_margin"]
+    # Round 2 has the same targets in both modes; beta1 K1 K1^T in the regulariser penalises
+    # exactly ||Delta_2 K1^T||, so the dynamic C moves the round-1 keys' outputs less (a property
+    # of the penalised least squares; measured 0.0013 vs 0.043 of round 1's own change) ...
+    assert dyn[1]["first_round_drift"] < imm[1]["first_round_drift"] / 5
+    # ... and round-1 edits keep more of their margin (measured loss 0.007 vs 0.104 nats; a
+    # success rate over 8 edits is too coarse to see it at this size, the full bench does)
+    loss_imm = imm[0]["first_round_margin"] - imm[1]["first_round_margin"]
+    loss_dyn = dyn[0]["first_round_margin"] - dyn[1]["first_round_margin"]
+    assert loss_imm > 0.05 and loss_dyn < loss_imm / 3
     assert set(data["global_all_at_once"]) == {"ES", "PS", "NS", "Score"}
 
 
 def test_conflict_bench_finds_every_conflict_and_only_those(tmp_path):
     data = bench(tmp_path, "conflict", "plain=12", "pairs=5", "clients=3")
     assert data["detected_conflicts"] == 5 and data["other_clashes"] == 0
-    assert set(data["rows"]) == {"without", "with", "withdrawn", "resolved"}
+    rows = data["rows"]
+    assert set(rows) == {"without", "with", "withdrawn", "resolved"}
+    # resolving raises the kept object's success: merging both sides garbles the conflicts
+    # (measured: kept object wins 0 of 5), withdrawing the loser fixes most (4 of 5), and the
+    # re-edit with augmented prompts loses none of that
+    assert rows["withdrawn"]["kept_wins"] >= rows["with"]["kept_wins"] + 40
+    assert rows["resolved"]["kept_wins"] >= rows["withdrawn"]["kept_wins"]
