@@ -53,8 +53,10 @@ def _quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-console = Console(stderr=True)
-out = Console(soft_wrap=True)
+# markup off: file names, subjects and model names are user text; "[/]" in one must print as it
+# is, never be read as a style tag (tables included)
+console = Console(stderr=True, markup=False, soft_wrap=True)  # paths never broken mid-line
+out = Console(soft_wrap=True, markup=False)
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="HF model id, local model folder, or 'world'.")
@@ -73,7 +75,7 @@ LayersOpt = Annotated[str | None, typer.Option(help="Comma-separated layers.")]
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -185,6 +187,9 @@ ParamOpt = Annotated[
     typer.Option("--param", help="Merge-method parameter, repeatable (see `collabedit methods`)."),
 ]
 EditorOpt = Annotated[str | None, typer.Option("--editor", help=_editor_help())]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing non-empty --out folder.")
+]
 
 
 @app.command()
@@ -408,15 +413,24 @@ def edit_cmd(
     layers: LayersOpt = None,
     delta: Annotated[bool, typer.Option(help="Write only the per-layer deltas.")] = False,
     format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Edit a model with one editor (one party, all requests: Global-Edit)."""
 
     from collabedit.deltas import save_deltas
     from collabedit.editors import closed_form_edit
+    from collabedit.io import OutputError, check_output_file
     from collabedit.models import arch
-    from collabedit.models.loading import save_model
+    from collabedit.models.loading import check_output_dir, save_model
 
+    try:
+        if delta:
+            check_output_file(out_dir, overwrite)
+        else:
+            check_output_dir(out_dir, model, overwrite)
+    except OutputError as exc:
+        raise _fail(str(exc)) from exc
     reqs = _load_requests_or_exit(requests, format)
     with _progress() as bar:
         setup = _open_setup(model, editor, preset_name, hparams, layers, bar)
@@ -443,7 +457,14 @@ def edit_cmd(
             info,
         )
     else:
-        save_model(setup.model, setup.tokenizer, out_dir, model)
+        save_model(
+            setup.model,
+            setup.tokenizer,
+            out_dir,
+            model,
+            overwrite=overwrite,
+            verify=arch.weight_names(setup.model, setup.layers),
+        )
     out.print(
         f"{len(reqs)} requests edited with {editor} into layers {setup.layers} "
         f"in {result.timings['total']:.1f} s; written to {out_dir}",
@@ -474,6 +495,9 @@ def client_edit(
             "model already knows them (0 edits everything)."
         ),
     ] = 0.01,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Edit private requests locally; write only P = R K^T, S = K K^T (and the local delta when
@@ -482,7 +506,12 @@ def client_edit(
     from collabedit.collab.merge import get_method
     from collabedit.collab.rounds import NothingToEdit, RoundInfo, client_round
     from collabedit.collab.state import load_state
+    from collabedit.io import OutputError, check_output_file
 
+    try:
+        check_output_file(out_file, overwrite)
+    except OutputError as exc:
+        raise _fail(str(exc)) from exc
     reqs = _load_requests_or_exit(requests, format)
     info, send_delta = None, True
     if round_state is not None:
@@ -567,14 +596,40 @@ def server_merge(
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Merge client updates into the global model; bad updates are rejected one by one."""
+    """Merge client updates into the global model; bad updates are rejected one by one.
 
+    The merged model is written to a new folder (never over --model), verified, then the state
+    is advanced; the state folder is locked for the whole round."""
+    import contextlib
+
+    from collabedit.collab.state import StaleStateError, StateBusyError, state_lock
+    from collabedit.models.loading import OutputError, check_output_dir
+
+    method_params = _method_params(params, method)
+    try:
+        check_output_dir(out_dir, model, overwrite)
+        lock = state_lock(state_dir) if state_dir is not None else contextlib.nullcontext()
+        with lock:
+            _server_merge(
+                model, updates, out_dir, method, method_params, state_dir, beta1, editor,
+                preset_name, hparams, layers, json_out, overwrite,
+            )  # fmt: skip
+    except (OutputError, StateBusyError, StaleStateError) as exc:
+        raise _fail(str(exc)) from exc
+    except PermissionError as exc:
+        raise _fail(f"{exc.filename}: {exc.strerror}") from exc
+
+
+def _server_merge(
+    model, updates, out_dir, method, method_params, state_dir, beta1, editor, preset_name,
+    hparams, layers, json_out, overwrite,
+) -> None:  # fmt: skip
     from collabedit.collab.rounds import commit_round, open_state, server_round
     from collabedit.collab.state import STATE_FILE, load_state
 
-    method_params = _method_params(params, method)
     origin = None
     if state_dir is not None and (state_dir / STATE_FILE).is_file():
         try:
@@ -591,13 +646,20 @@ def server_merge(
     try:
         state, sums = open_state(state_dir, setup, method, beta1)
         outcome = server_round(
-            setup.model, updates, state, sums, setup.regulariser, method, method_params
+            setup.model,
+            updates,
+            state,
+            sums,
+            setup.regulariser,
+            method,
+            method_params,
+            bounds=setup.update_bounds(),
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     for reason in outcome.rejected.values():
         console.print(f"rejected {reason}", style="yellow", markup=False)
-    commit_round(setup, outcome, out_dir, state_dir)
+    commit_round(setup, outcome, out_dir, state_dir, overwrite=overwrite)
     out.print(
         f"round {state.round}: merged {len(outcome.accepted)} update(s) with {method}, "
         f"rejected {len(outcome.rejected)}; model written to {out_dir}",

@@ -89,3 +89,27 @@ def write_safetensors(
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+class OutputError(ValueError):
+    """An output location that would lose or overwrite something; nothing has been written."""
+
+
+def writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of `path` is a folder this process may create in."""
+    parent = path.resolve().parent
+    existing = next((q for q in (parent, *parent.parents) if q.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot create it under {existing or parent}")
+
+
+def check_output_file(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output file that is a folder, exists (unless `overwrite`),
+    or cannot be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists (pass --overwrite to replace it)")
+    writable_parent(path)
+    return path

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
+from collabedit.collab.bounds import BoundError, UpdateBounds, check_layer
 from collabedit.collab.merge import LayerInputs, get_method, merge_layer, running_sum
 from collabedit.collab.protocol import apply_deltas, merge_updates
 from collabedit.collab.setup import EditingSetup
@@ -41,7 +42,13 @@ from collabedit.collab.state import (
     load_state,
     save_state,
 )
-from collabedit.collab.update import ClientUpdate, Expectation, UpdateError, load_update
+from collabedit.collab.update import (
+    ClientUpdate,
+    Expectation,
+    UpdateError,
+    load_update,
+    payload_sha256,
+)
 from collabedit.editors import EditSession, Progress, closed_form_edit
 from collabedit.models import arch
 from collabedit.models.loading import save_model
@@ -210,8 +217,17 @@ def server_round(
     regulariser: dict[int, torch.Tensor],
     method: str = "collabedit",
     params: dict | None = None,
+    bounds: UpdateBounds | None = None,
+    senders: dict[str, str] | None = None,
 ) -> RoundOutcome:
-    """Merge one round into `model` (in place). The caller writes the model, then the state."""
+    """Merge one round into `model` (in place). The caller writes the model, then the state.
+
+    Each update is checked alone — schema, fingerprint, round, shapes, finiteness, then `bounds`
+    (when given; see collab/bounds.py), then the ledger: a client id merged this round, a payload
+    already merged under any label, or a client id bound to another authenticated sender
+    (`senders`: path -> who delivered it, e.g. a Flower node id) — and a failing one is rejected
+    with its reason while the others merge. Nothing a client file says changes how the server
+    solves: method parameters come from `params` alone."""
     m = get_method(method)
     params = dict(params or {})
     m.config(**params)  # bad parameters fail before any update is read
@@ -221,33 +237,54 @@ def server_round(
             f"the server's model ({fp}) is not the global model of round "
             f"{state.round} ({state.base_fingerprint})"
         )
-    expect = Expectation(
-        state.base_fingerprint, state.shapes, needs=m.client_sends, round=state.round
-    )
-    accepted: list[tuple[str, ClientUpdate]] = []
+    # with bounds, P and S are required whatever the method merges: they are what the bounds
+    # and the delta's normal equations are checked by (honest clients always send them)
+    needs = tuple(dict.fromkeys((*m.client_sends, "P", "S"))) if bounds else m.client_sends
+    expect = Expectation(state.base_fingerprint, state.shapes, needs=needs, round=state.round)
+    accepted: list[tuple[str, ClientUpdate, str]] = []
     rejected: dict[str, str] = {}
-    seen: set[str] = set()
+    seen_ids: set[str] = set()
+    seen_payloads: dict[str, str] = {}
     round_p: dict[int, torch.Tensor] = {}
     round_s: dict[int, torch.Tensor] = {}
     for path in update_paths:
+        key = str(path)
         try:
             update = load_update(path, expect)
-        except UpdateError as exc:
-            rejected[str(path)] = str(exc)
+            if bounds is not None:
+                _check_bounds(update, bounds, regulariser, state.layers)
+        except (UpdateError, BoundError) as exc:
+            rejected[key] = str(exc) if key in str(exc) else f"{path}: {exc}"
             continue
-        if state.merged(update.client_id, update.round) or update.client_id in seen:
-            rejected[str(path)] = (
-                f"{path}: client {update.client_id} already merged in round {update.round}"
+        digest = payload_sha256(update)
+        sender = (senders or {}).get(key, "")
+        bound_to = state.sender_of(update.client_id)
+        earlier = state.merged_payload(digest)
+        if state.merged(update.client_id, update.round) or update.client_id in seen_ids:
+            reason = f"client {update.client_id} already merged in round {update.round}"
+        elif earlier is not None:
+            reason = (
+                f"the same tensors were merged in round {earlier.round} as "
+                f"{earlier.client_id}'s update"
             )
+        elif digest in seen_payloads:
+            reason = f"the same tensors as {seen_payloads[digest]} in this round"
+        elif sender and bound_to and bound_to != sender:
+            reason = f"client id {update.client_id} belongs to another sender ({bound_to})"
+        else:
+            reason = ""
+        if reason:
+            rejected[key] = f"{path}: {reason}"
             continue
-        seen.add(update.client_id)
+        seen_ids.add(update.client_id)
+        seen_payloads[digest] = key
         if m.streams:
             for layer in state.layers:
                 p, s = update.layers[layer].p_and_s()
                 _add(round_p, layer, p)
                 _add(round_s, layer, s)
             update = replace(update, layers={})
-        accepted.append((str(path), update))
+        accepted.append((key, update, digest))
     if not accepted:
         raise ValueError("no valid update to merge; rejected: " + "; ".join(rejected.values()))
     weighted = {
@@ -265,11 +302,11 @@ def server_round(
             for layer in state.layers
         }
     else:
-        deltas = merge_updates([u for _, u in accepted], weighted, method, **params)
-        if all(u.layers[layer].S is not None for _, u in accepted for layer in state.layers):
+        updates = [u for _, u, _ in accepted]
+        deltas = merge_updates(updates, weighted, method, **params)
+        if all(u.layers[layer].S is not None for u in updates for layer in state.layers):
             round_s = {
-                layer: running_sum([u.layers[layer].S for _, u in accepted])
-                for layer in state.layers
+                layer: running_sum([u.layers[layer].S for u in updates]) for layer in state.layers
             }
     apply_deltas(model, deltas)
     # earlier rounds' keys, for the dynamic covariance of the next round
@@ -284,8 +321,10 @@ def server_round(
             n_edits=u.n_edits,
             update_sha256=file_sha256(p),
             merged_at=now,
+            payload_sha256=digest,
+            sender=(senders or {}).get(p, ""),
         )
-        for p, u in accepted
+        for p, u, digest in accepted
     ]
     new_state = state.model_copy(
         update={
@@ -294,7 +333,19 @@ def server_round(
             "ledger": ledger,
         }
     )
-    return RoundOutcome(new_state, new_sum, deltas, [p for p, _ in accepted], rejected)
+    return RoundOutcome(new_state, new_sum, deltas, [p for p, _, _ in accepted], rejected)
+
+
+def _check_bounds(
+    update: ClientUpdate,
+    bounds: UpdateBounds,
+    regulariser: dict[int, torch.Tensor],
+    layers: Sequence[int],
+) -> None:
+    for layer in layers:
+        lu = update.layers[layer]
+        P, S = lu.p_and_s()
+        check_layer(layer, update.n_edits, P, S, bounds, lu.delta, regulariser.get(layer))
 
 
 def _add(sums: dict[int, torch.Tensor], layer: int, value: torch.Tensor) -> None:
@@ -309,10 +360,20 @@ def commit_round(
     outcome: RoundOutcome,
     out_dir: str | os.PathLike[str] | None,
     state_dir: str | os.PathLike[str] | None,
+    overwrite: bool = False,
 ) -> None:
-    """Write the merged model (with its folder's extra files), then the state — last, so a
-    crash in between leaves the previous state and the round can be run again."""
+    """Write the merged model (with its folder's extra files; into a temporary folder, verified,
+    then renamed into place), then the state — last, and only if the state on disk is still the
+    round this merge started from — so a crash or a refusal at any point leaves the previous
+    model and state usable and the round can be run again."""
     if out_dir is not None:
-        save_model(setup.model, setup.tokenizer, out_dir, setup.source)
+        save_model(
+            setup.model,
+            setup.tokenizer,
+            out_dir,
+            setup.source,
+            overwrite=overwrite,
+            verify=arch.weight_names(setup.model, setup.layers),
+        )
     if state_dir is not None:
-        save_state(state_dir, outcome.state, outcome.sum_s)
+        save_state(state_dir, outcome.state, outcome.sum_s, expect_round=outcome.state.round - 1)

@@ -11,10 +11,13 @@ again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +27,37 @@ from safetensors import safe_open
 from collabedit import io
 
 STATE_FILE = "server_state.safetensors"
+LOCK_FILE = ".lock"
+
+
+class StateBusyError(RuntimeError):
+    """Another process holds the state folder (a merge is running)."""
+
+
+class StaleStateError(RuntimeError):
+    """The state on disk is no longer the one this round started from."""
+
+
+@contextlib.contextmanager
+def state_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the state folder exclusively for one round; a second holder fails at once with
+    StateBusyError (never waits). The lock dies with the process, so a crash leaves none."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateBusyError(
+                f"{folder}: another merge is running on this state folder (it holds "
+                f"{folder / LOCK_FILE}); wait for it, then run this round again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class LedgerEntry(BaseModel):
@@ -32,6 +66,10 @@ class LedgerEntry(BaseModel):
     n_edits: int
     update_sha256: str
     merged_at: float
+    # hash of the tensors alone: a payload merged once is refused under any other label
+    payload_sha256: str = ""
+    # who delivered it, as the transport authenticated it (a Flower node id); "" = not known
+    sender: str = ""
 
 
 class ServerState(BaseModel):
@@ -52,6 +90,13 @@ class ServerState(BaseModel):
     def merged(self, client_id: str, round: int) -> bool:
         return any(e.client_id == client_id and e.round == round for e in self.ledger)
 
+    def merged_payload(self, digest: str) -> LedgerEntry | None:
+        return next((e for e in self.ledger if e.payload_sha256 == digest), None)
+
+    def sender_of(self, client_id: str) -> str:
+        """The authenticated sender a client id is bound to ("" = none yet)."""
+        return next((e.sender for e in self.ledger if e.client_id == client_id and e.sender), "")
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
@@ -62,10 +107,23 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def save_state(
-    folder: str | os.PathLike[str], state: ServerState, sum_s: dict[int, torch.Tensor]
+    folder: str | os.PathLike[str],
+    state: ServerState,
+    sum_s: dict[int, torch.Tensor],
+    expect_round: int | None = None,
 ) -> Path:
+    """Write the state atomically. `expect_round`: the round the state on disk must still be
+    at (None: no state yet, or unchecked) — a compare-and-swap, so a round merged by someone
+    else meanwhile is never overwritten."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if expect_round is not None:
+        on_disk = load_state(folder)[0].round if (folder / STATE_FILE).is_file() else 0
+        if on_disk != expect_round:
+            raise StaleStateError(
+                f"{folder}: the state is at round {on_disk}, this merge started from round "
+                f"{expect_round}; nothing was written"
+            )
     tensors = {f"layer.{k}.sum_S": v.double().contiguous() for k, v in sum_s.items()}
     if not tensors:  # safetensors needs at least one tensor
         tensors = {"empty": torch.zeros(1)}

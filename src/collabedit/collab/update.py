@@ -13,14 +13,16 @@ files without factors are still version 1, byte for byte as before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError
 from safetensors import SafetensorError, safe_open
 
 from collabedit import io
@@ -142,6 +144,60 @@ class ClientUpdate:
         io.write_safetensors(path, tensors, meta)
 
 
+class UpdateMeta(BaseModel):
+    """The metadata of an update file, parsed in one place: every field typed and bounded, so a
+    malformed file is one update's rejection with the field named, never a crash of the round."""
+
+    model_config = ConfigDict(extra="ignore", str_max_length=4096)
+
+    format: Literal["collabedit-client-update"]
+    format_version: Literal["1", "2"]
+    base_fingerprint: str = Field(min_length=1, max_length=128)
+    client_id: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    round: int = Field(ge=0)
+    n_edits: int = Field(ge=0)
+    layers: Json[list[int]]
+    modules: Json[dict[int, str]] = Field(default_factory=dict)
+    editor: str = Field("", max_length=200)
+    created_at: float = 0.0
+    extra: Json[dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, meta: dict[str, str], fail) -> UpdateMeta:
+        if meta.get("format") != FORMAT:
+            raise fail("not a collabedit client update")
+        if meta.get("format_version") not in _READABLE_VERSIONS:
+            raise fail(
+                f"format version {meta.get('format_version')} is not one of "
+                f"{', '.join(_READABLE_VERSIONS)}"
+            )
+        try:
+            return cls.model_validate(meta)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"metadata field {'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}"
+                for e in exc.errors(include_url=False, include_input=False)
+            )
+            raise fail(problems) from None
+
+
+def payload_sha256(update: ClientUpdate) -> str:
+    """Hash of the tensors alone (names, dtypes, shapes, bytes): the same payload relabelled with
+    another client id, round or fingerprint has the same hash."""
+    h = hashlib.sha256()
+    for layer in sorted(update.layers):
+        lu = update.layers[layer]
+        kinds = ("F", "G", "delta") if lu.is_factor else ("P", "S", "delta")
+        for kind in kinds:
+            t = getattr(lu, kind)
+            if t is None:
+                continue
+            t = t.detach().contiguous()
+            h.update(f"{layer}.{kind}.{t.dtype}.{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Expectation:
     """What the server requires of every update this round."""
@@ -161,20 +217,14 @@ def load_update(
     def fail(msg: str) -> UpdateError:
         return UpdateError(f"{path}: {msg}")
 
+    if not path.is_file():
+        raise fail("cannot read (no such file)")
     try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise fail("not a collabedit client update")
-            if meta.get("format_version") not in _READABLE_VERSIONS:
-                raise fail(
-                    f"format version {meta.get('format_version')} is not one of "
-                    f"{', '.join(_READABLE_VERSIONS)}"
-                )
+            meta = UpdateMeta.parse(f.metadata() or {}, fail)
             names = set(f.keys())
-            layers_list = json.loads(meta["layers"])
             layers = {}
-            for layer in layers_list:
+            for layer in meta.layers:
                 lu = LayerUpdate(
                     **{
                         k: f.get_tensor(f"layer.{layer}.{k}")
@@ -182,21 +232,24 @@ def load_update(
                         if f"layer.{layer}.{k}" in names
                     }
                 )
-                layers[int(layer)] = lu
+                layers[layer] = lu
+            known = {f"layer.{layer}.{k}" for layer in meta.layers for k in _KINDS}
+            if names - known:
+                raise fail(f"tensors of no declared layer: {', '.join(sorted(names - known))}")
     except SafetensorError as exc:
         raise fail(f"unreadable safetensors file ({exc})") from None
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise fail(f"bad metadata ({exc})") from None
+    except OSError as exc:
+        raise fail(f"cannot read ({exc.strerror or exc})") from None
     update = ClientUpdate(
-        base_fingerprint=meta["base_fingerprint"],
-        client_id=meta["client_id"],
-        round=int(meta["round"]),
-        n_edits=int(meta["n_edits"]),
+        base_fingerprint=meta.base_fingerprint,
+        client_id=meta.client_id,
+        round=meta.round,
+        n_edits=meta.n_edits,
         layers=layers,
-        modules={int(k): v for k, v in json.loads(meta.get("modules", "{}")).items()},
-        editor=meta.get("editor", ""),
-        created_at=float(meta.get("created_at", "0")),
-        extra=json.loads(meta.get("extra", "{}")),
+        modules=meta.modules,
+        editor=meta.editor,
+        created_at=meta.created_at,
+        extra=meta.extra,
     )
     for layer, lu in layers.items():
         for kind in _KINDS:

@@ -231,13 +231,14 @@ class ServerEngine:
         elif not updates:
             report.reason = "no update received"
         else:
-            paths = []
+            paths, senders = [], {}
             for x in updates:
                 name = f"node-{x.node_id}.safetensors"
                 path = self.state_dir / INCOMING_DIR / f"round-{r}" / name
                 io.write_bytes(path, x.blob)
                 paths.append(path)
-            self._merge(paths, report)
+                senders[str(path)] = f"node-{x.node_id}"  # what Flower authenticated
+            self._merge(paths, report, senders=senders)
         report.seconds = round(time.perf_counter() - started, 3)
         self.reports.append(report)
         return report
@@ -268,9 +269,18 @@ class ServerEngine:
         path = self.state_dir / INCOMING_DIR / f"round-{r}" / "secagg-sum.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         update.save(path)
-        self._merge([path], report, {"floor": floor} if floor else {})
+        # no per-update bounds: the sum carries masking noise of full rank, and no single
+        # client's update is visible (docs/reliability.md)
+        self._merge([path], report, {"floor": floor} if floor else {}, checked=False)
 
-    def _merge(self, paths: list[Path], report: RoundReport, params: dict | None = None) -> None:
+    def _merge(
+        self,
+        paths: list[Path],
+        report: RoundReport,
+        params: dict | None = None,
+        senders: dict[str, str] | None = None,
+        checked: bool = True,
+    ) -> None:
         from collabedit.collab.rounds import server_round
         from collabedit.collab.state import save_state
 
@@ -283,6 +293,8 @@ class ServerEngine:
                 self.setup.regulariser,
                 self.settings.method,
                 params,
+                bounds=self.setup.update_bounds() if checked else None,
+                senders=senders,
             )
         except ValueError as exc:  # every update rejected: nothing merged, model untouched
             report.reason = str(exc)

@@ -94,7 +94,14 @@ def inprocess_rounds(
             paths.append(path)
             del reqs[: len(take)]
         outcome = server_round(
-            server.model, paths, state, sums, server.regulariser, settings.method, params
+            server.model,
+            paths,
+            state,
+            sums,
+            server.regulariser,
+            settings.method,
+            params,
+            bounds=server.update_bounds(),
         )
         state, sums = outcome.state, outcome.sum_s
         out.append(arch.snapshot(server.model, server.layers))

@@ -120,6 +120,11 @@ def mlp_out_name(model: PreTrainedModel, layer: int) -> str:
     return f"{spec.blocks}.{layer}.{spec.mlp_out}"
 
 
+def weight_names(model: PreTrainedModel, layers: Sequence[int]) -> list[str]:
+    """The state-dict names of the edited weights of `layers`."""
+    return [f"{mlp_out_name(model, layer)}.weight" for layer in layers]
+
+
 def read_weight(model: PreTrainedModel, layer: int) -> torch.Tensor:
     """The edited weight as (d_out, d_in), a detached copy."""
     w = mlp_out(model, layer).weight.detach()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +19,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from collabedit.io import OutputError, writable_parent
 from collabedit.paths import DEFAULT_WORLD_DIR
+
+__all__ = ["OutputError", "check_output_dir", "load_model", "load_tokenizer", "save_model"]
 
 WORLD_ALIAS = "world"
 
@@ -33,6 +38,12 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
     if str(name_or_path) == WORLD_ALIAS:
         return str(DEFAULT_WORLD_DIR)
     return str(name_or_path)
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id ("owner/name" or "name"): absolute, relative with ./ or ../,
+    home-relative, or with more than one separator."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -54,11 +65,14 @@ def load_model(
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} has no config.json: not a Hugging Face model folder")
-    model = (
-        AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if dtype
-        else (AutoModelForCausalLM.from_pretrained(path))
-    )
+    if not local.exists() and looks_local(path):
+        # never ask the hub for what is meant as a folder (it retries for half a minute)
+        raise FileNotFoundError(f"{local}: no such model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{path}: cannot load the model ({first})") from exc
     model.to(device)
     model.eval()
     tokenizer = load_tokenizer(path)
@@ -68,24 +82,84 @@ def load_model(
     return model, tokenizer
 
 
+def _local(path: str | os.PathLike[str] | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(resolve_model_path(path))
+    return p.resolve() if p.exists() else None
+
+
+def check_output_dir(
+    out_dir: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Refuse, before any work, an output folder that is the input model's, an existing file,
+    an existing non-empty folder (unless `overwrite`), or one that cannot be created."""
+    out = Path(out_dir)
+    src = _local(source)
+    if src is not None and out.exists() and out.resolve() == src:
+        raise OutputError(f"{out} is the input model's folder; write the result elsewhere")
+    if out.is_file():
+        raise OutputError(f"{out} is an existing file, not a folder for a model")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    writable_parent(out)
+    return out
+
+
+def _saved_tensor(folder: Path, name: str) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            if name in st.keys():
+                return st.get_tensor(name)
+    return None
+
+
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | os.PathLike[str],
     source: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    verify: Sequence[str] = (),
 ) -> Path:
     """save_pretrained (safetensors) and the tokenizer; the JSON files of the `source` folder
     that save_pretrained does not write (a world's world.json and build.json, say) come along,
-    so the saved model is the same kind of folder as the one it was loaded from."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    written = {f.name for f in out.iterdir() if before.get(f.name) != f.stat().st_mtime_ns}
-    src = Path(resolve_model_path(source)) if source is not None else None
-    if src is not None and src.is_dir() and src.resolve() != out.resolve():
-        for f in sorted(src.glob("*.json")):
-            if f.name not in written:
-                shutil.copy(f, out / f.name)
+    so the saved model is the same kind of folder as the one it was loaded from.
+
+    Written into a temporary folder beside `out_dir`, checked (config present; the parameters
+    named in `verify` read back bit for bit), then renamed into place: a crash or a failed
+    check leaves whatever was at `out_dir` before, and `out_dir` is never the source folder."""
+    out = check_output_dir(out_dir, source, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        written = {f.name for f in tmp.iterdir()}
+        src = _local(source)
+        if src is not None and src.is_dir():
+            for f in sorted(src.glob("*.json")):
+                if f.name not in written:
+                    shutil.copy(f, tmp / f.name)
+        if not (tmp / "config.json").is_file():
+            raise OSError(f"{out}: the model's config.json was not written")
+        state = model.state_dict()
+        for name in verify:
+            saved = _saved_tensor(tmp, name)
+            if saved is None or not torch.equal(saved, state[name].detach().cpu()):
+                raise OSError(f"{out}: {name} did not read back as written")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
