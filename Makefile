@@ -9,13 +9,18 @@ TORCH ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# what `collabedit demo` needs: the package and its dependencies, no dev or Flower extras
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: install
+demo: $(VENV)/.core
 	$(BIN)/collabedit demo
 
 test: install
