@@ -363,3 +363,57 @@ def test_a_missing_local_model_is_one_clear_line_without_hub_retries(tmp_path):
     assert result.exit_code == 1
     # refused before from_pretrained, so the hub is never asked (it retries for ~30 s)
     assert "no such model folder" in result.output and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------- privacy options
+
+
+def test_cover_keys_pass_the_bounds_and_act_as_regulariser(world_round, tmp_path):
+    """A covered update declares its keys (n_keys) and passes every bound; merged, the cover keys
+    are exactly extra regulariser: Delta = P (A0 + S + K_c K_c^T)^-1."""
+    setup, (c0, _), model_dir, tmp = world_round
+    cover = tmp_path / "cover.txt"
+    cover.write_text("\n".join(world_requests(load_world().world, 6, seed=99)[i].rewrite_prompt
+                               for i in range(6)) + "\n")
+    out = tmp_path / "covered.safetensors"
+    result = run("client", "edit", "--model", model_dir, "--requests", tmp / "reqs.jsonl",
+                 "--cover-text", cover, "--out", out)
+    assert result.exit_code == 0, result.output
+    covered, plain = load_update(out), load_update(c0)
+    assert covered.n_edits == 2 and covered.n_keys == 8
+    state, sums = _fresh_round(setup, tmp_path)
+    merged = server_round(setup.model, [out], state, sums, setup.regulariser,
+                          bounds=setup.update_bounds())
+    assert merged.accepted == [str(out)]
+    from collabedit.collab.mitigations import text_keys
+    from collabedit.linalg import solve_update
+
+    setup.reset()
+    kc = text_keys(setup.model, setup.tokenizer, cover.read_text().split("\n")[:6], [1])[1]
+    P, S = plain.layers[1].p_and_s()
+    expected = solve_update(P, setup.regulariser[1].double() + S + kc.T @ kc)
+    assert torch.equal(covered.layers[1].P, P)  # P is untouched
+    # two float64 solves of the world's ill-conditioned system, sums formed in another order
+    # (measured 7e-8): the project's 1e-6 bound for identities of the merge
+    assert relative_gap({1: merged.deltas[1]}, {1: expected}) < 1e-6
+
+
+def test_noisy_updates_need_a_server_that_expects_them(world_round, tmp_path):
+    from collabedit.collab.mitigations import noise_floor
+
+    setup, _, model_dir, tmp = world_round
+    out = tmp_path / "noisy.safetensors"
+    result = run("client", "edit", "--model", model_dir, "--requests", tmp / "reqs.jsonl",
+                 "--noise-scale", "1e-6", "--noise-seed", "0", "--out", out)
+    assert result.exit_code == 0, result.output
+    checked = run("server", "merge", "--model", model_dir, "--updates", out, "--out",
+                  tmp_path / "a", "--json", tmp_path / "a.json")
+    assert checked.exit_code == 1 and "not positive semi-definite" in checked.output
+    # the floor a server derives from the federation's public noise scale and its own A0
+    a0 = setup.regulariser[1].double()
+    floor = noise_floor(1e-6 * float(a0.diagonal().mean()), 1, a0.shape[0])
+    accepted = run("server", "merge", "--model", model_dir, "--updates", out, "--out",
+                   tmp_path / "b", "--no-bounds", "--param", f"floor={floor}", "--json",
+                   tmp_path / "b.json")
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads((tmp_path / "b.json").read_text())["accepted"] == [str(out)]

@@ -495,6 +495,24 @@ def client_edit(
             "model already knows them (0 edits everything)."
         ),
     ] = 0.01,
+    cover_text: Annotated[
+        Path | None,
+        typer.Option(
+            help="Privacy: a text file of the client's own unedited sentences (one per line) "
+            "whose keys are added to S with zero residual (cover keys; docs/privacy.md)."
+        ),
+    ] = None,
+    noise_scale: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Privacy: Gaussian noise on S and P, in units of A0's mean eigenvalue (the "
+            "server must merge with --no-bounds and a floor; docs/privacy.md).",
+        ),
+    ] = 0.0,
+    noise_seed: Annotated[
+        int | None, typer.Option(help="Seed of the noise (default: fresh, unpredictable).")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out file.")
     ] = False,
@@ -510,7 +528,8 @@ def client_edit(
 
     try:
         check_output_file(out_file, overwrite)
-    except OutputError as exc:
+        mitigation = _mitigation(cover_text, noise_scale, noise_seed)
+    except (OutputError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     reqs = _load_requests_or_exit(requests, format)
     info, send_delta = None, True
@@ -537,6 +556,7 @@ def client_edit(
                 overlap_threshold=overlap_threshold,
                 send_delta=send_delta,
                 progress=_bar_progress(bar),
+                mitigation=mitigation,
             )
         except NothingToEdit as exc:
             raise _fail(str(exc)) from exc
@@ -575,6 +595,13 @@ def client_edit(
         )
 
 
+def _mitigation(cover_text: Path | None, noise_scale: float, noise_seed: int | None):
+    from collabedit.collab.mitigations import Mitigation, read_cover_texts
+
+    texts = read_cover_texts(cover_text) if cover_text is not None else ()
+    return Mitigation(texts, noise_scale, noise_seed)
+
+
 @server_app.command("merge")
 def server_merge(
     model: ModelOpt,
@@ -596,6 +623,13 @@ def server_merge(
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
+    bounds: Annotated[
+        bool,
+        typer.Option(
+            help="Check every update against sanity bounds from the base model (off only for "
+            "noisy updates; docs/reliability.md)."
+        ),
+    ] = True,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
@@ -615,7 +649,7 @@ def server_merge(
         with lock:
             _server_merge(
                 model, updates, out_dir, method, method_params, state_dir, beta1, editor,
-                preset_name, hparams, layers, json_out, overwrite,
+                preset_name, hparams, layers, json_out, overwrite, bounds,
             )  # fmt: skip
     except (OutputError, StateBusyError, StaleStateError) as exc:
         raise _fail(str(exc)) from exc
@@ -625,7 +659,7 @@ def server_merge(
 
 def _server_merge(
     model, updates, out_dir, method, method_params, state_dir, beta1, editor, preset_name,
-    hparams, layers, json_out, overwrite,
+    hparams, layers, json_out, overwrite, bounds,
 ) -> None:  # fmt: skip
     from collabedit.collab.rounds import commit_round, open_state, server_round
     from collabedit.collab.state import STATE_FILE, load_state
@@ -653,7 +687,7 @@ def _server_merge(
             setup.regulariser,
             method,
             method_params,
-            bounds=setup.update_bounds(),
+            bounds=setup.update_bounds() if bounds else None,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc

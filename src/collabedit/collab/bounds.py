@@ -2,15 +2,16 @@
 
 An update is P = R K^T and S = K K^T per layer (and the client's local delta for the baselines).
 A client that is buggy or hostile can send anything of the right shape; these checks refuse what
-no honest client can produce, from the base model and the update's own declared edit count:
+no honest client can produce, from the base model and the number of keys n_keys the update
+declares (its edits, plus cover keys when it adds them, collab/mitigations.py):
 
-* S is positive semi-definite (within rounding) and its rank is at most n_edits: it is a sum of
-  n_edits outer products;
-* trace(S) = sum of the keys' squared norms is at most n_edits times `key_slack` times the
+* S is positive semi-definite (within rounding) and its rank is at most n_keys: it is a sum of
+  n_keys outer products;
+* trace(S) = sum of the keys' squared norms is at most n_keys times `key_slack` times the
   largest squared key norm the model produces on probe inputs;
 * P's rows lie in S's range (P = R K^T: every row is a combination of the keys);
 * the residuals' size, which the server can read exactly from P and S (||R||_F^2 = trace(P S^+
-  P^T) when the keys are independent), is at most n_edits times (`residual_slack` times the
+  P^T) when the keys are independent), is at most n_keys times (`residual_slack` times the
   largest norm of the residual stream at the edited layers)^2: an edit moves the layer's output by
   less than a few times the stream it writes into;
 * a local delta is the edit P and S describe: the server solves P (A0 + S)^-1 itself and
@@ -88,14 +89,14 @@ def probe_bounds(
 
 def check_layer(
     layer: int,
-    n_edits: int,
+    n_keys: int,
     P: torch.Tensor,
     S: torch.Tensor,
     bounds: UpdateBounds,
     delta: torch.Tensor | None = None,
     regulariser: torch.Tensor | None = None,
 ) -> None:
-    """Raise BoundError when this layer's P, S (and delta) cannot come from n_edits honest
+    """Raise BoundError when this layer's P, S (and delta) cannot come from n_keys honest
     edits of the model the bounds were probed on."""
     P64, S64 = P.double(), S.double()
     w, V = torch.linalg.eigh(S64)
@@ -111,15 +112,15 @@ def check_layer(
         )
     keep = w > bounds.rank_rtol * top
     rank = int(keep.sum())
-    if rank > n_edits:
+    if rank > n_keys:
         raise BoundError(
-            f"layer {layer}: S has rank {rank} but the update declares {n_edits} edit(s)"
+            f"layer {layer}: S has rank {rank} but the update declares {n_keys} key(s)"
         )
-    key_cap = n_edits * bounds.key_slack * bounds.key_sq_max[layer]
+    key_cap = n_keys * bounds.key_slack * bounds.key_sq_max[layer]
     if float(S64.trace()) > key_cap:
         raise BoundError(
             f"layer {layer}: trace(S) = {float(S64.trace()):.3g} exceeds {key_cap:.3g} "
-            f"({n_edits} edit(s) x {bounds.key_slack:g} x the largest squared key norm "
+            f"({n_keys} key(s) x {bounds.key_slack:g} x the largest squared key norm "
             f"{bounds.key_sq_max[layer]:.3g})"
         )
     Vk, wk = V[:, keep], w[keep]
@@ -132,11 +133,11 @@ def check_layer(
             "S (P = R K^T lies inside it)"
         )
     r_sq = float(((PV / wk.sqrt()) ** 2).sum())  # trace(P S^+ P^T) = ||R||_F^2
-    r_cap = n_edits * (bounds.residual_slack * bounds.stream_max) ** 2
+    r_cap = n_keys * (bounds.residual_slack * bounds.stream_max) ** 2
     if r_sq > r_cap:
         raise BoundError(
             f"layer {layer}: the residuals' norm {r_sq**0.5:.3g} exceeds {r_cap**0.5:.3g} "
-            f"(sqrt({n_edits} edit(s)) x {bounds.residual_slack:g} x the largest residual-stream "
+            f"(sqrt({n_keys} key(s)) x {bounds.residual_slack:g} x the largest residual-stream "
             f"norm {bounds.stream_max:.3g})"
         )
     if delta is not None and regulariser is not None:

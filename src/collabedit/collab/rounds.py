@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from collabedit.collab.bounds import BoundError, UpdateBounds, check_layer
 from collabedit.collab.merge import LayerInputs, get_method, merge_layer, running_sum
+from collabedit.collab.mitigations import Mitigation, protect
 from collabedit.collab.protocol import apply_deltas, merge_updates
 from collabedit.collab.setup import EditingSetup
 from collabedit.collab.state import (
@@ -115,8 +116,12 @@ def client_round(
     send_delta: bool = True,
     session: EditSession | None = None,
     progress: Progress = None,
+    mitigation: Mitigation | None = None,
 ) -> ClientRound:
     """A client's contribution to one round; the model is left exactly as it was.
+
+    `mitigation`: cover keys and noise applied to the update before it leaves the client
+    (collab/mitigations.py); they trade edit quality for privacy (docs/privacy.md).
 
     `session`: the editor's session for exactly these requests, when the caller already made
     one (experiments reuse target vectors across clients). Raises NothingToEdit when the
@@ -151,6 +156,16 @@ def client_round(
         editor=setup.editor.name,
         form=form,
     )
+    if mitigation is not None and mitigation.active:
+        update = protect(
+            update,
+            mitigation,
+            setup.model,
+            setup.tokenizer,
+            setup.regulariser,
+            {e.layer: e.keys for e in result.layers},
+            {e.layer: e.residuals for e in result.layers},
+        )
     return ClientRound(update, list(session.requests), skipped, residuals)
 
 
@@ -345,7 +360,7 @@ def _check_bounds(
     for layer in layers:
         lu = update.layers[layer]
         P, S = lu.p_and_s()
-        check_layer(layer, update.n_edits, P, S, bounds, lu.delta, regulariser.get(layer))
+        check_layer(layer, update.key_rows, P, S, bounds, lu.delta, regulariser.get(layer))
 
 
 def _add(sums: dict[int, torch.Tensor], layer: int, value: torch.Tensor) -> None:

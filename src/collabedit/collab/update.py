@@ -72,6 +72,13 @@ class ClientUpdate:
     editor: str = "memit-frozen"
     created_at: float = field(default_factory=time.time)
     extra: dict = field(default_factory=dict)
+    # rows of keys in S when more than the edits (cover keys, collab/mitigations.py); None = n_edits
+    n_keys: int | None = None
+
+    @property
+    def key_rows(self) -> int:
+        """How many keys S is the sum of: what the server's rank and norm bounds count."""
+        return self.n_edits if self.n_keys is None else self.n_keys
 
     @classmethod
     def from_keys_residuals(
@@ -141,6 +148,8 @@ class ClientUpdate:
             "created_at": repr(self.created_at),
             "extra": json.dumps(self.extra),
         }
+        if self.n_keys is not None:
+            meta["n_keys"] = str(self.n_keys)
         io.write_safetensors(path, tensors, meta)
 
 
@@ -156,6 +165,7 @@ class UpdateMeta(BaseModel):
     client_id: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
     round: int = Field(ge=0)
     n_edits: int = Field(ge=0)
+    n_keys: int | None = Field(None, ge=0)
     layers: Json[list[int]]
     modules: Json[dict[int, str]] = Field(default_factory=dict)
     editor: str = Field("", max_length=200)
@@ -172,13 +182,16 @@ class UpdateMeta(BaseModel):
                 f"{', '.join(_READABLE_VERSIONS)}"
             )
         try:
-            return cls.model_validate(meta)
+            parsed = cls.model_validate(meta)
         except ValidationError as exc:
             problems = "; ".join(
                 f"metadata field {'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}"
                 for e in exc.errors(include_url=False, include_input=False)
             )
             raise fail(problems) from None
+        if parsed.n_keys is not None and parsed.n_keys < parsed.n_edits:
+            raise fail(f"metadata field n_keys: {parsed.n_keys} keys for {parsed.n_edits} edits")
+        return parsed
 
 
 def payload_sha256(update: ClientUpdate) -> str:
@@ -250,6 +263,7 @@ def load_update(
         editor=meta.editor,
         created_at=meta.created_at,
         extra=meta.extra,
+        n_keys=meta.n_keys,
     )
     for layer, lu in layers.items():
         for kind in _KINDS:

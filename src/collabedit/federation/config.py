@@ -58,6 +58,12 @@ class ServerSettings(BaseModel):
         0.0, ge=0, description="public bound on |S| entries for SecAgg+ (0 = ask the clients)"
     )
     transport: Literal["full", "factor"] = "full"
+    update_bounds: bool = Field(
+        True, description="check each update against sanity bounds (off for noisy clients)"
+    )
+    noise_floor: float = Field(
+        0.0, ge=0, description="eigenvalue floor of the solve for noisy clients' updates"
+    )
     fault_policy: Literal["abort", "quorum"] = "abort"
     beta1: float = Field(1.0, ge=0, description="weight of earlier rounds' S in C_t")
     state_dir: str = Field("collabedit-server", description="server state folder")
@@ -131,6 +137,12 @@ class ClientSettings(BaseModel):
     overlap_threshold: float = Field(
         0.01, ge=0, description="requests with a smaller relative residual are already known"
     )
+    # privacy (collab/mitigations.py, docs/privacy.md)
+    cover_text: Path | None = Field(
+        None, description="own unedited sentences whose keys join S with zero residual"
+    )
+    noise_scale: float = Field(0.0, ge=0, description="Gaussian noise on S and P (A0 units)")
+    noise_seed: int | None = Field(None, description="seed of the noise (None: fresh)")
     # Fault injection for tests and drills: fail in these rounds ("0,2"), or send a bad update.
     test_fail_rounds: str = ""
     test_bad_update: Literal["", "nan", "fingerprint", "shape", "asymmetric"] = ""

@@ -238,7 +238,9 @@ class ServerEngine:
                 io.write_bytes(path, x.blob)
                 paths.append(path)
                 senders[str(path)] = f"node-{x.node_id}"  # what Flower authenticated
-            self._merge(paths, report, senders=senders)
+            floor = self.settings.noise_floor
+            params = {"floor": floor} if floor else {}
+            self._merge(paths, report, params, senders=senders)
         report.seconds = round(time.perf_counter() - started, 3)
         self.reports.append(report)
         return report
@@ -293,7 +295,9 @@ class ServerEngine:
                 self.setup.regulariser,
                 self.settings.method,
                 params,
-                bounds=self.setup.update_bounds() if checked else None,
+                bounds=self.setup.update_bounds()
+                if checked and self.settings.update_bounds
+                else None,
                 senders=senders,
             )
         except ValueError as exc:  # every update rejected: nothing merged, model untouched
@@ -393,6 +397,7 @@ class ClientWorker:
         """("idle", None, info) or ("update", ClientUpdate, info) for round b.round: the one
         client round (collab/rounds.py) on the broadcast global model, overlap check included."""
         from collabedit.collab.merge import get_method
+        from collabedit.collab.mitigations import Mitigation, read_cover_texts
         from collabedit.collab.rounds import NothingToEdit, RoundInfo, client_round
         from collabedit.models import arch
 
@@ -413,7 +418,12 @@ class ClientWorker:
         for layer, w in b.weights.items():
             arch.write_weight(setup.model, layer, w)
         info = RoundInfo(b.round, b.base_fingerprint, tuple(layers), s["editor"])
-        form = "full" if secure else s["transport"]
+        mitigation = Mitigation(
+            read_cover_texts(self.settings.cover_text) if self.settings.cover_text else (),
+            self.settings.noise_scale,
+            self.settings.noise_seed,
+        )
+        form = "full" if secure or mitigation.active else s["transport"]
         # Delta_i goes out only when the merge method needs it: it exposes more than P and S
         send_delta = "delta" in get_method(s["method"]).client_sends
         try:
@@ -425,6 +435,7 @@ class ClientWorker:
                 overlap_threshold=self.settings.overlap_threshold,
                 form=form,
                 send_delta=send_delta,
+                mitigation=mitigation,
             )
         except NothingToEdit:
             cr = None
