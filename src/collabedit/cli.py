@@ -256,7 +256,9 @@ def demo(
     "--set clients=5; `collabedit bench NAME --show-config` lists them.",
 )
 def bench(
-    name: Annotated[str, typer.Argument(help="scale, clients, forgetting, overlap or conflict.")],
+    name: Annotated[
+        str, typer.Argument(help="scale, clients, forgetting, overlap, conflict or privacy.")
+    ],
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="key=value (JSON values), repeatable.")
     ] = None,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from collabedit.bench import clients, conflict, forgetting, overlap, scale
+from collabedit.bench import clients, conflict, forgetting, overlap, privacy, scale
 from collabedit.bench.common import BenchConfig
 from collabedit.bench.lab import Lab, Log
 
@@ -42,6 +42,7 @@ BENCHES: dict[str, Bench] = {
         Bench(
             "conflict", conflict.ConflictConfig, conflict.run, conflict.plot, conflict.__doc__ or ""
         ),
+        Bench("privacy", privacy.PrivacyConfig, privacy.run, privacy.plot, privacy.__doc__ or ""),
     )
 }
 
