@@ -1,7 +1,11 @@
-"""Edit throughput: batched z (all requests per step) vs one request at a time, same run.
+"""World edit speed: statistics tokens/s, our edit vs MEMIT's one-request-at-a-time loop, peak RSS.
 
-    python benchmarks/memit_speed.py --n 500 --json results/memit_speed.json
-Also: statistics tokens/s and the peak resident memory of an edit of --peak-n requests.
+    OMP_NUM_THREADS=1 python benchmarks/memit_speed.py --n 100 --json results/speed/memit_speed.json
+
+The edit comparison is `memit_reference.compare` (see benchmarks/memit_reference.py, which also
+runs the random GPT-2 setup): the reference loop, our batched editor with the full forward at
+every z step, and as shipped. Peak resident memory of a whole edit of --peak-n requests is
+measured in a fresh process (benchmarks/edit_memory.py).
 """
 
 from __future__ import annotations
@@ -14,15 +18,9 @@ from pathlib import Path
 
 import torch
 from edit_memory import peak_edit  # benchmarks/ is on sys.path when run as a script
+from memit_reference import compare
 
-from collabedit.editors import preset
-from collabedit.editors.memit.compute import (
-    compute_keys,
-    context_templates,
-    current_outputs,
-    optimise_z,
-)
-from collabedit.linalg import memit_update
+from collabedit.editors.memit import preset
 from collabedit.stats import collect_stats, iter_corpus
 from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import load_world
@@ -30,55 +28,33 @@ from collabedit.world.store import load_world
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--peak-n", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--peak-n", type=int, default=0, help="0: skip the peak-RSS run")
     parser.add_argument("--stats-texts", type=int, default=20000)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["reference", "full", "collabedit"],
+        choices=["reference", "full", "collabedit"],
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     args = parser.parse_args()
 
     b = load_world(args.world)
     cfg = preset("world")
-    layers = cfg.layers
-    reqs = world_requests(b.world, args.n, seed=0)
-    templates = context_templates(b.model, b.tokenizer, cfg)
-
     start = time.perf_counter()
-    corpus = iter_corpus("world", args.stats_texts, world_dir=b.path)
-    stats = collect_stats(b.model, b.tokenizer, corpus, layers)
+    texts = iter_corpus("world", args.stats_texts, model_dir=b.path)
+    stats = collect_stats(b.model, b.tokenizer, texts, cfg.layers)
     stats_s = time.perf_counter() - start
     tokens = next(iter(stats.values())).count
+    cov = {layer: s.mom2 for layer, s in stats.items()}
 
-    start = time.perf_counter()
-    batched = optimise_z(b.model, b.tokenizer, reqs, layers[-1], templates, cfg)
-    z_batched = time.perf_counter() - start
-    start = time.perf_counter()
-    single = torch.cat(
-        [optimise_z(b.model, b.tokenizer, [r], layers[-1], templates, cfg).z for r in reqs]
-    )
-    z_single = time.perf_counter() - start
-    start = time.perf_counter()
-    keys = compute_keys(b.model, b.tokenizer, reqs, layers, templates)
-    cur = current_outputs(b.model, b.tokenizer, reqs, layers[-1])
-    for i, layer in enumerate(layers):
-        memit_update(
-            keys[layer].T,
-            ((batched.z - cur) / (len(layers) - i)).T,
-            stats[layer].mom2,
-            cfg.mom2_update_weight,
-        )
-    rest = time.perf_counter() - start
-    rel = ((batched.z - single).norm(dim=1) / single.norm(dim=1)).max().item()
+    reqs = world_requests(b.world, args.n, seed=0)
+    row = compare("world-preset", b.model.eval(), b.tokenizer, reqs, cfg, cov, args.methods)
     result = {
-        "n_requests": args.n,
         "torch_threads": torch.get_num_threads(),
-        "z_batched_s": round(z_batched, 2),
-        "z_one_at_a_time_s": round(z_single, 2),
-        "keys_and_solve_s": round(rest, 2),
-        "requests_per_s_batched": round(args.n / (z_batched + rest), 2),
-        "requests_per_s_one_at_a_time": round(args.n / (z_single + rest), 2),
-        "speedup": round((z_single + rest) / (z_batched + rest), 2),
-        "max_rel_diff_z": rel,
+        "edit": row,
         "stats_tokens": tokens,
         "stats_tokens_per_s": round(tokens / stats_s, 1),
         "this_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

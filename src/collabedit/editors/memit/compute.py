@@ -5,11 +5,29 @@ Adam is element-wise, so optimising all deltas at once on the SUM of the per-req
 the same deltas as one request at a time. Early stopping is kept per request (a stopped request's
 delta is frozen and its rows leave the batch), exactly as the reference loop stops. One
 forward/backward per step serves all requests instead of one per request per step.
+
+Recomputing only what z changes (`fast=True`, the default): z enters at one place, the output of
+the z layer L at the subject's last token (the lookup). Nothing below L and nothing before the
+lookup depends on z, so once per chunk of rows (no grad) the rows' first P tokens (P = the
+chunk's smallest lookup) are run through the whole model into a key/value cache, and the rest
+once more to read the block-L output there and the arguments the model hands each block above L
+(masks, rotary embeddings, the cache). Every step then runs only the blocks above L, only on the
+positions from P on, attending to the cached keys/values of the first P positions, and the final
+norm. This is the same computation as the full forward (the attention of a position sees the same
+keys and values), so z agrees with `fast=False` (the full forward at every step) to rounding.
+Rows are grouped by lookup so that P is close to each row's own lookup (`_fast_bounds`); tokens
+that every row of a chunk shares (a context prefix) go through the model once. Architectures the
+fast path does not know (`fast_z_supported`) take the full forward. Tests: tests/test_fast_z.py;
+throughput against MEMIT's own one-request loop: benchmarks/memit_reference.py.
+
+Keys and current outputs are read the same way: rows end at the subject's last token, the forward
+stops at the last layer read, and a context prefix shared by a pass is run once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +35,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+try:  # transformers >= 4.56: caches made of per-layer objects
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: the full forward only
+    _DynamicLayer = None
 
 from collabedit import io
 from collabedit.editors.memit.config import MemitConfig
@@ -76,6 +99,77 @@ def _fill(context: str, request: EditRequest) -> str:
     return context.replace("{}", request.prompt)
 
 
+def _locate(
+    tokenizer: PreTrainedTokenizerBase, templates: Sequence[str], subjects: Sequence[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each `template.format(subject)` and its subject's last position: what
+    `subject_last_index` finds (and refuses) one prompt at a time, with batched tokenizer calls."""
+    for template in templates:
+        if template.count("{}") != 1:
+            subject_last_index(tokenizer, template, "")  # raises the usual error
+    fulls = tokenizer(
+        [t.format(s) for t, s in zip(templates, subjects, strict=True)], add_special_tokens=False
+    )["input_ids"]
+    heads = tokenizer(
+        [t[: t.index("{}")] + s for t, s in zip(templates, subjects, strict=True)],
+        add_special_tokens=False,
+    )["input_ids"]
+    lookups = []
+    for template, subject, full, part in zip(templates, subjects, fulls, heads, strict=True):
+        if not part or full[: len(part)] != part:
+            subject_last_index(tokenizer, template, subject)  # raises SubjectNotFoundError
+        lookups.append(len(part) - 1)
+    return [list(f) for f in fulls], lookups
+
+
+# Rows x positions per no-grad forward: larger batches of a small model are slower on a CPU
+# (every intermediate leaves the cache), and a forward of this size is far from its fixed cost.
+TOKENS_PER_PASS = 4096
+
+
+def _passes(
+    lengths: Sequence[int], max_rows: int, groups: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Row indices per forward pass: rows by group (rows of one context template share its
+    tokens), then length (little padding), at most `max_rows` rows and about `TOKENS_PER_PASS`
+    padded positions in each."""
+    key = groups or [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda g: (key[g], lengths[g]))
+    out, cur = [], []
+    for g in order:
+        if cur and (
+            len(cur) >= max_rows
+            or (len(cur) + 1) * lengths[g] > TOKENS_PER_PASS
+            or key[g] != key[cur[0]]
+        ):
+            out.append(cur)
+            cur = []
+        cur.append(g)
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _Stop(Exception):
+    """Raised by a hook once a forward pass has produced everything that is read from it."""
+
+
+def _forward_until(model: PreTrainedModel, module: torch.nn.Module, **inputs) -> None:
+    """Run the model only up to and including `module` (later layers cannot change what hooks
+    registered before this call have read)."""
+
+    def stop(*_):
+        raise _Stop
+
+    handle = module.register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def compute_keys(
     model: PreTrainedModel,
@@ -86,30 +180,44 @@ def compute_keys(
     batch_rows: int = 2048,
 ) -> dict[int, torch.Tensor]:
     """Keys (n x d_in, float64) per layer: the projection's input at the subject's last token,
-    averaged within each context group, then across groups (so the bare prompt weighs 1/2)."""
-    rows, lookups = [], []
-    for req in requests:
-        for group in templates:
-            for context in group:
-                template = _fill(context, req)
-                rows.append(
-                    tokenizer(template.format(req.subject), add_special_tokens=False)["input_ids"]
-                )
-                lookups.append(subject_last_index(tokenizer, template, req.subject))
+    averaged within each context group, then across groups (so the bare prompt weighs 1/2).
+
+    A causal model's state at the subject's last token depends on nothing after it, nor on the
+    layers above the last one read: rows end at that token and the forward at that projection;
+    the tokens that all rows of a pass share (a context prefix) are run once into a cache."""
+    filled = [_fill(c, req) for req in requests for group in templates for c in group]
+    subjects = [req.subject for req in requests for group in templates for _ in group]
+    full, lookups = _locate(tokenizer, filled, subjects)
+    rows = [ids[: look + 1] for ids, look in zip(full, lookups, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(rows), batch_rows):
-        ids, mask = pad_batch(rows[start : start + batch_rows], pad)
-        idx = torch.tensor(lookups[start : start + batch_rows])
+    last = arch.mlp_out(model, max(layers))
+    found: dict[int, list] = {layer: [None] * len(rows) for layer in layers}
+    n_templates = sum(len(g) for g in templates)
+    groups = [g % n_templates for g in range(len(rows))]
+    share = fast_z_supported(model)
+    for part in _passes([len(r) for r in rows], batch_rows, groups):
+        ids, mask = pad_batch([rows[g] for g in part], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        c = 0
+        if share:
+            # the context's tokens once (all but the subject's last token, which is read)
+            c = min(_common_prefix([rows[g] for g in part]), min(len(rows[g]) for g in part) - 1)
+            cache = _shared_cache(model, ids, c, until=last)
+            inputs = {"input_ids": ids[:, c:], "attention_mask": mask, "use_cache": True}
+            inputs[_cache_kwarg(model)] = cache
+        idx = torch.tensor([lookups[g] - c for g in part])
         with capture_mlp_inputs(model, layers) as keys:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            _forward_until(model.base_model, last, **inputs)
         for layer in layers:
-            per_layer[layer].append(keys[layer][torch.arange(len(idx)), idx].double().cpu())
+            picked = keys[layer][torch.arange(len(idx)), idx].double().cpu()
+            for g, k in zip(part, picked, strict=True):
+                found[layer][g] = k
     sizes = [len(g) for g in templates]
     out = {}
     for layer in layers:
-        k = torch.cat(per_layer[layer]).view(len(requests), sum(sizes), -1)
+        k = torch.stack(found[layer]).view(len(requests), sum(sizes), -1)
         groups = torch.split(k, sizes, dim=1)
         out[layer] = torch.stack([g.mean(dim=1) for g in groups], dim=0).mean(dim=0)
     return out
@@ -123,19 +231,28 @@ def current_outputs(
     layer: int,
     batch_rows: int = 2048,
 ) -> torch.Tensor:
-    """The block output of `layer` at the subject's last token of the bare prompt (n x d)."""
-    rows = [tokenizer(r.rewrite_prompt, add_special_tokens=False)["input_ids"] for r in requests]
-    lookups = [subject_last_index(tokenizer, r.prompt, r.subject) for r in requests]
+    """The block output of `layer` at the subject's last token of the bare prompt (n x d); rows
+    end at that token and the forward at that block (as in `compute_keys`)."""
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    full, lookups = _locate(tokenizer, prompts, subjects)
+    rows = [ids[: look + 1] for ids, look in zip(full, lookups, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    outs = []
-    for start in range(0, len(rows), batch_rows):
-        ids, mask = pad_batch(rows[start : start + batch_rows], pad)
-        idx = torch.tensor(lookups[start : start + batch_rows])
+    outs: list = [None] * len(rows)
+    for part in _passes([len(r) for r in rows], batch_rows):
+        ids, mask = pad_batch([rows[g] for g in part], pad)
+        idx = torch.tensor([lookups[g] for g in part])
         with capture_block_outputs(model, [layer]) as hs:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-        outs.append(hs[layer][torch.arange(len(idx)), idx].double().cpu())
-    return torch.cat(outs)
+            _forward_until(
+                model,
+                arch.block(model, layer),
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+            )
+        picked = hs[layer][torch.arange(len(idx)), idx].double().cpu()
+        for g, h in zip(part, picked, strict=True):
+            outs[g] = h
+    return torch.stack(outs)
 
 
 @dataclass
@@ -155,26 +272,26 @@ def _z_rows(
     kl_prompt: str,
 ) -> _ZRows:
     rows = _ZRows()
+    filled, subjects, owners = [], [], []
     for r, req in enumerate(requests):
-        rows.first_row.append(len(rows.ids))
-        for group in templates:
-            for context in group:
-                template = _fill(context, req)
-                prompt_ids, target_ids = encode_pair(
-                    tokenizer, template.format(req.subject), req.target_new
-                )
-                rows.ids.append(prompt_ids + target_ids[:-1])
-                rows.lookup.append(subject_last_index(tokenizer, template, req.subject))
-                rows.owner.append(r)
-                rows.kl.append(False)
-                rows.targets.append(target_ids)
-        rows.ids.append(
-            tokenizer(kl_prompt.format(req.subject), add_special_tokens=False)["input_ids"]
-        )
-        rows.lookup.append(subject_last_index(tokenizer, kl_prompt, req.subject))
+        for template in [_fill(c, req) for group in templates for c in group] + [kl_prompt]:
+            filled.append(template)
+            subjects.append(req.subject)
+            owners.append(r)
+    full, lookups = _locate(tokenizer, filled, subjects)
+    target: dict[int, list[int]] = {}
+    for g, r in enumerate(owners):
+        is_kl = g + 1 == len(owners) or owners[g + 1] != r  # each request's last row
+        if r not in target:
+            rows.first_row.append(g)
+            target[r] = encode_pair(
+                tokenizer, filled[g].format(subjects[g]), requests[r].target_new
+            )[1]
+        rows.ids.append(full[g] if is_kl else full[g] + target[r][:-1])
+        rows.lookup.append(lookups[g])
         rows.owner.append(r)
-        rows.kl.append(True)
-        rows.targets.append([])
+        rows.kl.append(is_kl)
+        rows.targets.append([] if is_kl else target[r])
     return rows
 
 
@@ -332,6 +449,204 @@ def _chunk(
     }
 
 
+# The final norm each architecture applies after its last block (inside `model.base_model`).
+_FINAL_NORM = {
+    "gpt2": "ln_f",
+    "gptj": "ln_f",
+    "gpt_neo": "ln_f",
+    "gpt_neox": "final_layer_norm",
+    "llama": "norm",
+}
+
+
+def _final_norm(model: PreTrainedModel) -> torch.nn.Module | None:
+    name = _FINAL_NORM.get(arch.arch_of(model).name)
+    return getattr(model.base_model, name, None) if name else None
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str | None:
+    """The name under which the base model's forward takes a key/value cache."""
+    params = inspect.signature(model.base_model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def fast_z_supported(model: PreTrainedModel) -> bool:
+    """Whether `optimise_z(fast=True)` can recompute only the blocks above the z layer: the
+    architecture's final norm is known, the base model takes a `DynamicCache` and the cache
+    exposes per-layer `crop` (transformers' layered caches). Otherwise it runs the full forward
+    at every step (`fast=False`), which gives the same z, only slower."""
+    try:
+        norm = _final_norm(model)
+    except arch.UnsupportedModelError:
+        return False
+    return (
+        norm is not None
+        and _cache_kwarg(model) is not None
+        and hasattr(DynamicCache(), "layers")
+        and hasattr(_DynamicLayer, "crop")
+    )
+
+
+def _fast_bounds(
+    lookups: Sequence[int], lengths: Sequence[int], max_rows: int, overhead: int = 128
+) -> list[range]:
+    """Chunks of rows sorted by (lookup, length): each chunk costs about `overhead` token
+    positions (a forward's fixed cost) plus rows x (its longest row - its smallest lookup); cuts
+    fall where the (lookup, length) pair changes and are chosen to minimise the sum (dynamic
+    programming), then chunks of more than `max_rows` rows or `TOKENS_PER_PASS` positions are
+    split."""
+    n = len(lookups)
+    starts = [
+        g
+        for g in range(n)
+        if g == 0 or (lookups[g], lengths[g]) != (lookups[g - 1], lengths[g - 1])
+    ] + [n]
+    k = len(starts) - 1
+    best = [0.0] + [float("inf")] * k
+    cut = [0] * (k + 1)
+    for j in range(1, k + 1):
+        longest = 0
+        for i in range(j - 1, -1, -1):
+            longest = max(longest, max(lengths[starts[i] : starts[i + 1]]))
+            rows = starts[j] - starts[i]
+            pieces = max(-(-rows // max_rows), -(-rows * longest // TOKENS_PER_PASS))
+            cost = best[i] + overhead * pieces + rows * (longest - lookups[starts[i]])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    segments, j = [], k
+    while j > 0:
+        segments.append((starts[cut[j]], starts[j]))
+        j = cut[j]
+    bounds = []
+    for a, b in reversed(segments):
+        longest = max(lengths[a:b])
+        pieces = max(-(-(b - a) // max_rows), -(-(b - a) * longest // TOKENS_PER_PASS))
+        size = -(-(b - a) // pieces)
+        bounds += [range(g, min(g + size, b)) for g in range(a, b, size)]
+    return bounds
+
+
+def _subset_by_lookup(rows: _ZRows, keep: torch.Tensor) -> _ZRows:
+    """As `_subset`, but ordered by (lookup, length), as the fast path's chunks group lookups
+    (rows on one context template are not kept together: the steps' positions count 20-200
+    times, the setup's once), and with KL rows ending at their subject: the KL term reads only
+    that position, which in a causal model nothing after it changes."""
+
+    def ids(g: int) -> list[int]:
+        return rows.ids[g][: rows.lookup[g] + 1] if rows.kl[g] else rows.ids[g]
+
+    order = sorted(
+        (g for g, owner in enumerate(rows.owner) if keep[owner]),
+        key=lambda g: (rows.lookup[g], len(ids(g))),
+    )
+    out = _ZRows()
+    firsts = set(rows.first_row)
+    for g in order:
+        if g in firsts:
+            out.first_row.append(len(out.ids))
+        out.ids.append(ids(g))
+        out.lookup.append(rows.lookup[g])
+        out.owner.append(rows.owner[g])
+        out.kl.append(rows.kl[g])
+        out.targets.append(rows.targets[g])
+    return out
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all rows share (rows on one context template share its tokens)."""
+    first, c = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        while c and r[:c] != first[:c]:
+            c -= 1
+    return c
+
+
+def _shared_cache(model: PreTrainedModel, ids: torch.Tensor, c: int, until=None) -> DynamicCache:
+    """A cache holding the first `c` positions of every row of `ids`, which all rows share:
+    computed once (one row) and repeated, since a causal model's state at a position depends
+    only on the tokens up to it. `until`: stop the pass after that module (see
+    `_forward_until`); the layers above it are then missing from the cache."""
+    cache = DynamicCache()
+    if c > 0:
+        inputs = {"input_ids": ids[:1, :c], "use_cache": True, _cache_kwarg(model): cache}
+        if until is None:
+            model.base_model(**inputs)
+        else:
+            _forward_until(model.base_model, until, **inputs)
+        if ids.shape[0] > 1:
+            cache.batch_repeat_interleave(ids.shape[0])
+    return cache
+
+
+@torch.no_grad()
+def _prepare_fast(model: PreTrainedModel, layer: int, ch: dict, shared: int = 0) -> dict:
+    """Everything of a chunk that z cannot change (module note): the cache of the first P
+    positions (of which the first `shared`, the same tokens in every row, computed once), the
+    block-L output from P on, and each upper block's call arguments."""
+    ids, mask = ch["ids"], ch["mask"]
+    p = int(ch["lookup"].min())
+    c = min(shared, p)
+    cache = _shared_cache(model, ids, c)
+    kw = _cache_kwarg(model)
+    base = model.base_model
+    if p > c:
+        base(input_ids=ids[:, c:p], attention_mask=mask[:, :p], use_cache=True, **{kw: cache})
+    blocks = arch.blocks(model)
+    upper = list(range(layer + 1, len(blocks)))
+    calls: dict[int, tuple] = {}
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def grab(module, args, kwargs, index):
+        calls[index] = (tuple(args[1:]), dict(kwargs))
+
+    def out(module, args, output):
+        store["h"] = output[0] if isinstance(output, tuple) else output
+
+    for index in upper:
+        handles.append(
+            blocks[index].register_forward_pre_hook(
+                lambda m, a, k, index=index: grab(m, a, k, index), with_kwargs=True
+            )
+        )
+    handles.append(blocks[layer].register_forward_hook(out))
+    try:
+        base(input_ids=ids[:, p:], attention_mask=mask, use_cache=True, **{kw: cache})
+    finally:
+        for h in handles:
+            h.remove()
+    width = ids.shape[1] - p
+    prefix = {}
+    for index, cache_layer in enumerate(cache.layers):
+        # blocks up to L are never run again; the upper ones keep only the first P positions
+        cache_layer.crop(-cache_layer.get_seq_length() if index <= layer else -width)
+        if index > layer:
+            prefix[index] = (cache_layer.keys, cache_layer.values)
+    shifted = {name: ch[name] - p for name in ("lookup", "t_pos", "kl_pos")}
+    return (
+        ch | shifted | {"h": store["h"].detach(), "calls": calls, "cache": cache, "prefix": prefix}
+    )
+
+
+def _forward_fast(model: PreTrainedModel, ch: dict, shift: Callable) -> torch.Tensor:
+    """Final hidden states from P on: shift(block-L output), then the blocks above L."""
+    h = shift(ch["h"])
+    blocks = arch.blocks(model)
+    try:
+        for index, (args, kwargs) in sorted(ch["calls"].items()):
+            out = blocks[index](h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+    finally:
+        # forget what this step appended (and its graph): the cache holds the first P again
+        for index, (keys, values) in ch["prefix"].items():
+            cache_layer = ch["cache"].layers[index]
+            cache_layer.keys, cache_layer.values = keys, values
+    return _final_norm(model)(h)
+
+
 def optimise_z(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -340,8 +655,15 @@ def optimise_z(
     templates: list[list[str]],
     cfg: MemitConfig,
     progress: Progress = None,
+    fast: bool = True,
 ) -> ZResult:
-    """Target vectors z for all requests at once (see the module note on batching)."""
+    """Target vectors z for all requests at once (see the module note on batching).
+
+    `fast`: recompute at each step only what z changes (module note); the same z as the full
+    forward at every step (`fast=False`) to rounding. Architectures without a usable cache
+    (`fast_z_supported`) take the full forward whatever `fast` says.
+    """
+    fast = fast and fast_z_supported(model)
     rows = _z_rows(tokenizer, requests, templates, cfg.kl_prompt)
     n = len(requests)
     d = getattr(model.config, arch.arch_of(model).hidden_size_attr)
@@ -353,9 +675,18 @@ def optimise_z(
             n_rewrite[owner] += 1
 
     def make_chunks(keep: torch.Tensor) -> list[dict]:
-        sub = _subset(rows, keep)
-        bounds = _chunk_bounds([len(ids) for ids in sub.ids], cfg.batch_rows)
-        return [_chunk(sub, b.start, b.stop, n_rewrite, pad, device) for b in bounds]
+        if not fast:
+            sub = _subset(rows, keep)
+            bounds = _chunk_bounds([len(ids) for ids in sub.ids], cfg.batch_rows)
+            return [_chunk(sub, b.start, b.stop, n_rewrite, pad, device) for b in bounds]
+        sub = _subset_by_lookup(rows, keep)
+        bounds = _fast_bounds(sub.lookup, [len(ids) for ids in sub.ids], cfg.batch_rows)
+        chunks = []
+        for b in bounds:
+            ch = _chunk(sub, b.start, b.stop, n_rewrite, pad, device)
+            shared = _common_prefix(sub.ids[b.start : b.stop])
+            chunks.append(_prepare_fast(model, layer, ch, shared))
+        return chunks
 
     dtype = _compute_dtype(next(model.parameters()).dtype)
     delta = torch.zeros(n, d, device=device, dtype=dtype, requires_grad=True)
@@ -365,14 +696,14 @@ def optimise_z(
     steps = torch.zeros(n, dtype=torch.long)
     final = torch.zeros(n, dtype=torch.float64)
     kl_init: torch.Tensor | None = None  # (n, vocab) log-probabilities on the KL prompt
-    chunks, chunk_active = make_chunks(active), active.clone()
     head = model.get_output_embeddings()
     grad_flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
+        chunks, chunk_active = make_chunks(active), active.clone()
         for it in range(cfg.v_num_grad_steps):
-            if not torch.equal(active, chunk_active):
+            if _rebuild(active, chunk_active, fast):
                 # stopped requests' deltas are frozen: their rows need no forward pass any more
                 chunks, chunk_active = make_chunks(active), active.clone()
             losses = torch.zeros(n, dtype=torch.float64)
@@ -388,12 +719,15 @@ def optimise_z(
                     h[rows_, look] = h[rows_, look] + delta[ch["owner"]]
                     return h
 
-                with shift_block_output(model, layer, shift):
-                    # logits only where a loss reads them: the full (rows x length x vocab)
-                    # tensor and its backward dominate otherwise
-                    hidden = model.base_model(
-                        input_ids=ch["ids"], attention_mask=ch["mask"]
-                    ).last_hidden_state
+                if fast:
+                    hidden = _forward_fast(model, ch, shift)
+                else:
+                    with shift_block_output(model, layer, shift):
+                        # logits only where a loss reads them: the full (rows x length x vocab)
+                        # tensor and its backward dominate otherwise
+                        hidden = model.base_model(
+                            input_ids=ch["ids"], attention_mask=ch["mask"]
+                        ).last_hidden_state
                 if "h" in captured:
                     z_init[ch["first_owner"].cpu()] = captured["h"].double().cpu()
                 # NLL of the target tokens, each row weighted 1/(tokens * rows of its request)
@@ -449,3 +783,14 @@ def optimise_z(
             p.requires_grad_(flag)
     z = z_init + delta.detach().double().cpu()
     return ZResult(z, z_init, final, steps)
+
+
+def _rebuild(active: torch.Tensor, chunk_active: torch.Tensor, fast: bool) -> bool:
+    """Whether to re-chunk for the requests still optimised. The full forward re-chunks as soon
+    as one stops; the fast path keeps stopped rows (weighted 0, exactly as if absent) until they
+    are a third of its rows, since re-chunking costs it a full forward of every row."""
+    if torch.equal(active, chunk_active):
+        return False
+    if not fast:
+        return True
+    return int(active.sum()) < (2 * int(chunk_active.sum())) // 3
