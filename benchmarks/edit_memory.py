@@ -21,9 +21,17 @@ import time
 from pathlib import Path
 
 
-def peak_edit(n: int, world: Path | None, z_steps: int | None = None, seed: int = 1) -> dict:
+def peak_edit(
+    n: int,
+    world: Path | None,
+    z_steps: int | None = None,
+    seed: int = 1,
+    z_memory_mb: float | None = None,
+) -> dict:
     """Edit n world requests in a fresh process; its peak RSS and timings."""
     argv = [sys.executable, __file__, "--child", "--n", str(n), "--seed", str(seed)]
+    if z_memory_mb is not None:
+        argv += ["--z-memory-mb", str(z_memory_mb)]
     if world is not None:
         argv += ["--world", str(world)]
     if z_steps is not None:
@@ -32,8 +40,11 @@ def peak_edit(n: int, world: Path | None, z_steps: int | None = None, seed: int 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child(n: int, world: Path | None, z_steps: int | None, seed: int) -> None:
-    from collabedit.editors import apply_edits, preset
+def _child(
+    n: int, world: Path | None, z_steps: int | None, seed: int, z_memory_mb: float | None
+) -> None:
+    from collabedit.editors import apply_edits
+    from collabedit.editors.memit import preset
     from collabedit.world.edit_requests import world_requests
     from collabedit.world.store import load_world
 
@@ -41,12 +52,15 @@ def _child(n: int, world: Path | None, z_steps: int | None, seed: int) -> None:
     cfg = preset("world")
     if z_steps is not None:
         cfg = cfg.model_copy(update={"v_num_grad_steps": z_steps})
+    if z_memory_mb is not None:
+        cfg = cfg.model_copy(update={"z_memory_mb": z_memory_mb})
     reqs = world_requests(bundle.world, n, seed=seed)
     start = time.perf_counter()
     res = apply_edits(bundle.model, bundle.tokenizer, reqs, editor="memit", config=cfg)
     row = {
         "n_requests": len(reqs),
         "z_steps_budget": cfg.v_num_grad_steps,
+        "z_memory_mb": cfg.z_memory_mb,
         "seconds": round(time.perf_counter() - start, 1),
         "timings": {k: round(v, 2) for k, v in res.timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -61,19 +75,24 @@ def main() -> None:
         "--z-steps", type=int, nargs="+", default=None, help="z step budgets (default: preset's)"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--z-memory-mb", type=float, nargs="+", default=None, help="z memory budgets (MB)"
+    )
     parser.add_argument("--world", type=Path, default=None, help="world folder (default: shipped)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.n[0], args.world, (args.z_steps or [None])[0], args.seed)
+        budget = (args.z_memory_mb or [None])[0]
+        _child(args.n[0], args.world, (args.z_steps or [None])[0], args.seed, budget)
         return
     rows = []
     for n in args.n:
         for steps in args.z_steps or [None]:
-            row = peak_edit(n, args.world, steps, args.seed)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for budget in args.z_memory_mb or [None]:
+                row = peak_edit(n, args.world, steps, args.seed, budget)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"world": str(args.world or "shipped"), "seed": args.seed, "rows": rows}

@@ -292,3 +292,23 @@ def test_shared_context_prefix_is_computed_once_and_changes_nothing(tok, monkeyp
     full = optimise_z(model, tok, reqs, 1, templates, cfg, fast=False)
     assert _rel(shared.z, alone.z) < 1e-12
     assert _rel(shared.z, full.z) < TOL
+
+
+def test_blocks_sized_by_the_memory_budget_give_the_same_z(tok):
+    """A tiny `z_memory_mb` splits the requests into blocks optimised one after the other; z of a
+    request does not depend on the others, so the blocks give the one batch's z (float64)."""
+    model = _model("gpt2", len(tok))
+    cfg = _cfg(early_stop_loss=0.5, clamp_norm_factor=10.0, v_num_grad_steps=12)
+    templates = context_templates(model, tok, cfg)
+    reqs = _mixed_requests()
+    per_request_mb = cfg.z_memory_mb / C.z_block_size(model, tok, reqs, templates, cfg)
+    small = cfg.model_copy(update={"z_memory_mb": 2.5 * per_request_mb})
+    assert C.z_block_size(model, tok, reqs, templates, small) == 2 < len(reqs)
+    seen = []
+    blocked = optimise_z(model, tok, reqs, 1, templates, small,
+                         progress=lambda stage, done, total: seen.append((done, total)))
+    whole = optimise_z(model, tok, reqs, 1, templates, cfg)
+    assert _rel(blocked.z, whole.z) < TOL
+    assert torch.equal(blocked.steps_taken, whole.steps_taken)
+    # one progress bar over all blocks, ending complete
+    assert seen[-1][0] == seen[-1][1] and all(t == seen[0][1] for _, t in seen)

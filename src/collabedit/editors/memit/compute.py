@@ -647,6 +647,35 @@ def _forward_fast(model: PreTrainedModel, ch: dict, shift: Callable) -> torch.Te
     return _final_norm(model)(h)
 
 
+def z_block_size(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: list[list[str]],
+    cfg: MemitConfig,
+) -> int:
+    """Requests per block so that one block's z optimisation fits `cfg.z_memory_mb`. Per request:
+    its rows (context prompts and the KL prompt) x their longest length x the hidden size x the
+    layers, for the cached keys and values (2 per layer) and the activations kept for the
+    backward (about 12 per layer and position: attention and a 4x MLP), plus the target
+    positions' log-probabilities over the vocabulary (3 copies: logits, log-softmax, gradient)."""
+    if not requests:
+        return 1
+    spec = arch.arch_of(model)
+    d = int(getattr(model.config, spec.hidden_size_attr))
+    n_layers = arch.n_layers(model)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    size = torch.finfo(_compute_dtype(next(model.parameters()).dtype)).bits // 8
+    prefix = max((len(tokenizer(t)["input_ids"]) for g in templates for t in g), default=0)
+    longest = max(
+        len(tokenizer(r.rewrite_prompt + " " + r.target_new)["input_ids"]) for r in requests
+    )
+    rows = sum(len(g) for g in templates) + 1
+    target = max(len(tokenizer(" " + r.target_new)["input_ids"]) for r in requests)
+    per_request = rows * size * ((prefix + longest) * d * n_layers * 14 + target * vocab * 3)
+    return max(1, int(cfg.z_memory_mb * 2**20 // per_request))
+
+
 def optimise_z(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -657,7 +686,39 @@ def optimise_z(
     progress: Progress = None,
     fast: bool = True,
 ) -> ZResult:
-    """Target vectors z for all requests at once (see the module note on batching).
+    """Target vectors z for all requests, in blocks of `z_block_size` requests optimised one after
+    the other: z of a request does not depend on the requests optimised with it (module note),
+    so the blocks give the same z as one batch while the peak memory is set by the budget
+    (`cfg.z_memory_mb`), not by the number of requests."""
+    n = len(requests)
+    block = z_block_size(model, tokenizer, requests, templates, cfg)
+    if block >= n:
+        return _optimise_z_block(model, tokenizer, requests, layer, templates, cfg, progress, fast)
+    starts = range(0, n, block)
+    parts = []
+    for b, start in enumerate(starts):
+        report = None
+        if progress is not None:
+
+            def report(stage, done, total, b=b):
+                progress(stage, b * total + done, len(starts) * total)
+
+        part = list(requests[start : start + block])
+        parts.append(_optimise_z_block(model, tokenizer, part, layer, templates, cfg, report, fast))
+    return ZResult.cat(parts)
+
+
+def _optimise_z_block(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: list[list[str]],
+    cfg: MemitConfig,
+    progress: Progress = None,
+    fast: bool = True,
+) -> ZResult:
+    """Target vectors z for the requests at once (see the module note on batching).
 
     `fast`: recompute at each step only what z changes (module note); the same z as the full
     forward at every step (`fast=False`) to rounding. Architectures without a usable cache

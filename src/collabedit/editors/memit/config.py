@@ -35,6 +35,12 @@ class MemitConfig(EditorConfig):
     kl_prompt: str = Field("{} is a", description="prompt whose distribution z must keep")
     seed: int = Field(0, description="seed of the generated context prefixes")
     batch_rows: int = Field(2048, ge=1, description="rows per forward pass in z optimisation")
+    z_memory_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="memory budget of the z optimisation (MB): requests are optimised in blocks "
+        "whose cached states and activations fit it, so the peak does not grow with their number",
+    )
 
 
 PRESETS: dict[str, MemitConfig] = {
