@@ -332,7 +332,9 @@ class ServerEngine:
         """The global model, with the files its base folder carried (as the CLI saves it)."""
         from collabedit.models.loading import save_model
 
-        save_model(self.model, self.tok, out_dir, self.setup.source)
+        # the run's configured destination, replaced at the end of every run (never the base
+        # model's own folder: save_model refuses that)
+        save_model(self.model, self.tok, out_dir, self.setup.source, overwrite=True)
 
 
 def secagg_client_id(members: dict[str, int]) -> str:

@@ -152,6 +152,9 @@ def save_model(
             saved = _saved_tensor(tmp, name)
             if saved is None or not torch.equal(saved, state[name].detach().cpu()):
                 raise OSError(f"{out}: {name} did not read back as written")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder is an ordinary one
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
