@@ -62,7 +62,7 @@ def world_round(tmp_path_factory):
     return setup, paths, model_dir, tmp
 
 
-def _rewrite(src: Path, dst: Path, meta=None, drop=(), tensors=None) -> Path:
+def _rewrite(src: Path, dst: Path, meta=None, tensors=None) -> Path:
     """A copy of an update file with metadata keys changed (None = removed) and tensors
     transformed: `tensors` maps a name to a function of the tensor."""
     with safe_open(str(src), "pt") as f:
@@ -75,8 +75,6 @@ def _rewrite(src: Path, dst: Path, meta=None, drop=(), tensors=None) -> Path:
             md[k] = v
     for name, fn in (tensors or {}).items():
         ts[name] = fn(ts[name])
-    for k in drop:
-        md.pop(k, None)
     save_file(ts, str(dst), metadata=md)
     return dst
 
