@@ -293,4 +293,6 @@ def test_small_bench_run_writes_json_and_png(tmp_path):
     assert cover[1]["s_only"]["subject_precision"] < cover[0]["s_only"]["subject_precision"]
     inv = data["inversion"]
     assert {r["input"] for r in inv["rows"]} == {"K", "S"}
-    assert -1.0 <= inv["random_pair"] <= 1.0
+    # the encoder tells different requests apart: unrelated pairs are far from identical
+    # (a constant or broken encoder gives 1.0; measured 0.21 on the world at default settings)
+    assert 0.0 < inv["random_pair"] < 0.9
