@@ -41,6 +41,9 @@ def test_editors_list_json_has_the_builtins_and_their_fields():
     assert memit["config"]["mom2_update_weight"]["default"] == 15000.0
     assert memit["config"]["context_template_length_params"]["default"] == [[10, 5]]
     assert {"gpt2-xl", "gpt-j", "world"} <= set(memit["presets"])
+    malmen = listed["malmen"]
+    assert {"gpt2-xl", "gpt-j", "world"} <= set(malmen["presets"])
+    assert malmen["config"]["rank"]["default"] == 1920 and malmen["config"]["lr"]["default"] == 1e-6
 
 
 def test_unknown_editor_is_named_with_the_known_ones():

@@ -37,12 +37,16 @@ requests_app = typer.Typer(
 client_app = typer.Typer(help="A client's side of a collaborative round.", no_args_is_help=True)
 server_app = typer.Typer(help="The server's side of a collaborative round.", no_args_is_help=True)
 editors_app = typer.Typer(help="The registered knowledge-editing back-ends.", no_args_is_help=True)
+malmen_app = typer.Typer(
+    help="MALMEN: train the hypernetwork the `malmen` editor edits with.", no_args_is_help=True
+)
 app.add_typer(world_app, name="world")
 app.add_typer(requests_app, name="requests")
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
 app.add_typer(editors_app, name="editors")
 app.add_typer(federate_app, name="federate")
+app.add_typer(malmen_app, name="malmen")
 
 
 @app.callback()
@@ -68,7 +72,10 @@ PresetOpt = Annotated[
 ]
 HparamsOpt = Annotated[
     Path | None,
-    typer.Option(help="Hyper-parameters in the editor's published format (MEMIT: EasyEdit YAML)."),
+    typer.Option(
+        help="Hyper-parameters in the editor's published format (MEMIT: EasyEdit YAML; "
+        "MALMEN: a trained hypernetwork folder, or EasyEdit YAML)."
+    ),
 ]
 LayersOpt = Annotated[str | None, typer.Option(help="Comma-separated layers.")]
 
@@ -194,8 +201,12 @@ OverwriteOpt = Annotated[
 
 @app.command()
 def demo(
-    clients: Annotated[int, typer.Option(help="Number of clients.")] = 10,
-    edits_per_client: Annotated[int, typer.Option(help="Private requests per client.")] = 10,
+    clients: Annotated[
+        int | None, typer.Option(help="Number of clients (default: 10; 8 for malmen).")
+    ] = None,
+    edits_per_client: Annotated[
+        int | None, typer.Option(help="Private requests per client (default: 10; 25 for malmen).")
+    ] = None,
     seed: int = 0,
     editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
     params: Annotated[
@@ -208,13 +219,18 @@ def demo(
     """Simulate collaborative editing on the embedded world (offline, CPU, minutes).
 
     N clients edit their private requests; the server merges with CollabEdit and the destructive
-    baselines; prints the paper's Table 1 layout and the merge fidelity against Global-Edit.
+    baselines; prints the paper's Table 1 layout (Table 3 with --editor malmen, on subjects
+    its hypernetwork was not trained on) and the merge fidelity against Global-Edit.
     """
     from collabedit.bench.demo import method_rows, run_demo
+    from collabedit.editors import get_editor
     from collabedit.world.store import load_world
 
     method_params = _method_params(params)
     try:
+        layout = get_editor(editor).demo_layout
+        clients = layout[0] if clients is None else clients
+        edits_per_client = layout[1] if edits_per_client is None else edits_per_client
         result = run_demo(
             load_world(),
             clients,
@@ -852,30 +868,138 @@ def world_build(
 
 @world_app.command("requests")
 def world_requests_cmd(
-    n: Annotated[int, typer.Option("--n", help="Number of requests (distinct subjects).")],
     out_file: Annotated[Path, typer.Option("--out", help="Output request file.")],
+    n: Annotated[
+        int | None, typer.Option("--n", help="Number of requests (distinct subjects).")
+    ] = None,
     format: Annotated[str, typer.Option(help="mcf (CounterFact form), zsre, or jsonl.")] = "mcf",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Subjects to draw from: all, train (the half a learned editor may train on) "
+            "or held-out (the other half)."
+        ),
+    ] = "all",
+    per_subject: Annotated[
+        int | None,
+        typer.Option(
+            help="Instead of --n: this many requests on every subject of the split, CounterFact "
+            "and zsRE form alternating (training data; written as jsonl)."
+        ),
+    ] = None,
     seed: int = 0,
     path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
 ) -> None:
     """Export requests of the world in a published layout."""
     from collabedit.paths import DEFAULT_WORLD_DIR
     from collabedit.requests import FORMATS, save_requests
-    from collabedit.world.edit_requests import world_requests
+    from collabedit.world.edit_requests import subject_split, training_requests, world_requests
     from collabedit.world.generator import World
     from collabedit.world.store import WORLD_FILE
 
     if format not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if (n is None) == (per_subject is None):
+        raise _fail("give exactly one of --n and --per-subject")
+    if per_subject is not None and format != "jsonl":
+        raise _fail("--per-subject mixes CounterFact and zsRE forms: use --format jsonl")
     world = World.load((path or DEFAULT_WORLD_DIR) / WORLD_FILE)
     try:
-        reqs = world_requests(
-            world, n, seed=seed, form="zsre" if format == "zsre" else "counterfact"
-        )
+        subjects = subject_split(world, split, seed=0)  # type: ignore[arg-type]
+        if per_subject is not None:
+            reqs = training_requests(world, subjects, per_subject, seed=seed)
+        else:
+            form = "zsre" if format == "zsre" else "counterfact"
+            reqs = world_requests(world, n or 0, seed=seed, form=form, subjects=subjects)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     save_requests(reqs, out_file, format)
     out.print(f"{len(reqs)} requests written to {out_file} ({format})")
+
+
+@malmen_app.command("train")
+def malmen_train(
+    model: ModelOpt,
+    requests: Annotated[
+        Path, typer.Option("--requests", "-r", help="Training requests (with neighbourhoods).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the hypernetwork.")],
+    preset_name: PresetOpt = None,
+    hparams: HparamsOpt = None,
+    layers: LayersOpt = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config field, e.g. --set n_steps=200 (repeatable)."),
+    ] = None,
+    valid_share: Annotated[
+        float, typer.Option(help="Share of subjects held out for validation.")
+    ] = 0.1,
+    resume: Annotated[bool, typer.Option(help="Continue from --out's checkpoint.")] = False,
+    init: Annotated[
+        Path | None, typer.Option(help="Start from this trained hypernetwork's weights.")
+    ] = None,
+    format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Meta-train MALMEN's hypernetwork for a model (checkpoints, validation, curves).
+
+    Writes to --out: hypernet.safetensors and malmen.json (the best network by validation, tied
+    to the model's fingerprint), curves.json and curves.png, and checkpoint/ for --resume. Edit
+    with it: `collabedit edit --editor malmen --hparams OUT ...`.
+    """
+    from collabedit.editors import get_editor, make_config
+    from collabedit.editors.malmen.train import plot_curves, train_hypernet
+    from collabedit.models.loading import load_model
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not (resume or overwrite):
+        raise _fail(f"{out_dir} is not empty: pass --resume to continue or --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _fail(f"{out_dir} is a file, not a folder")
+    reqs = _load_requests_or_exit(requests, format)
+    try:
+        lm, tok = load_model(model)
+        editor = get_editor("malmen")
+        cfg = make_config(
+            editor, lm, preset_name, hparams, _layers_opt(layers), _parse_settings(settings)
+        )
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    with _progress() as bar:
+        task = bar.add_task("meta-training", total=cfg.n_steps)
+
+        def progress(step: int, total: int, losses: dict) -> None:
+            bar.update(
+                task,
+                completed=step,
+                description=f"meta-training, paraphrase loss {losses['gen_loss']:.3f}",
+            )
+
+        try:
+            curves = train_hypernet(
+                lm,
+                tok,
+                reqs,
+                cfg,
+                out_dir,
+                valid_share=valid_share,
+                resume=resume,
+                init=init,
+                progress=progress,
+                log=lambda m: console.print(m, style="dim", markup=False),
+            )
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+    plot_curves(curves, out_dir / "curves.png")
+    best = curves["best"] or {}
+    out.print(
+        f"hypernetwork written to {out_dir} (best at step {best.get('step')}: "
+        + ", ".join(f"{k} {best[k]:.1f}" for k in ("ES", "GS", "LS") if k in best)
+        + f"; {curves['seconds']:.0f} s)",
+        markup=False,
+    )
+    if json_out:
+        write_json(json_out, curves)
 
 
 @requests_app.command("validate")

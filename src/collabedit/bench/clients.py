@@ -7,7 +7,6 @@ from pydantic import Field
 
 from collabedit.bench.common import BenchConfig, method_lines, save_figure
 from collabedit.bench.lab import Lab, Log, merge_methods
-from collabedit.world.edit_requests import world_requests
 
 
 class ClientsConfig(BenchConfig):
@@ -17,7 +16,7 @@ class ClientsConfig(BenchConfig):
 
 
 def run(lab: Lab, cfg: ClientsConfig, log: Log) -> dict:
-    requests = world_requests(lab.bundle.world, cfg.edits, seed=cfg.seed, form=cfg.form)
+    requests = lab.requests(cfg.edits, seed=cfg.seed, form=cfg.form)
     session = lab.session(requests)  # its targets do not depend on who holds the requests
     rows = []
     for n in cfg.client_counts:

@@ -21,7 +21,6 @@ from collabedit.collab.setup import EditingSetup
 from collabedit.editors import DEFAULT_EDITOR, FIDELITY_EDITORS, EditSession, closed_form_edit
 from collabedit.editors.base import EditorConfig
 from collabedit.models import arch
-from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import WorldBundle
 
 
@@ -88,7 +87,7 @@ def run_demo(
     methods: dict[str, dict] = {row: {} for row in method_rows()}
     fid: dict[str, float] = {}
     for form, keys in (("counterfact", CF_KEYS), ("zsre", ZSRE_KEYS)):
-        requests = world_requests(bundle.world, n, seed=seed, form=form)
+        requests = lab.requests(n, seed=seed, form=form)
         log(f"[{form}] {editor}: preparing {n} requests")
         session = lab.session(requests)
         methods["unedited"] |= lab.score(requests, keys)

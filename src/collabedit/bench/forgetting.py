@@ -25,7 +25,6 @@ from collabedit.bench.common import BenchConfig, save_figure
 from collabedit.bench.lab import Lab, Log
 from collabedit.collab.protocol import apply_deltas
 from collabedit.evaluate.scoring import score_targets
-from collabedit.world.edit_requests import world_requests
 
 
 class ForgettingConfig(BenchConfig):
@@ -91,7 +90,7 @@ def _rounds(lab: Lab, cfg: ForgettingConfig, beta1: float, chunks, log: Log) -> 
 
 def run(lab: Lab, cfg: ForgettingConfig, log: Log) -> dict:
     n = cfg.rounds * cfg.edits_per_round
-    requests = world_requests(lab.bundle.world, n, seed=cfg.seed, form=cfg.form)
+    requests = lab.requests(n, seed=cfg.seed, form=cfg.form)
     chunks = [requests[i : i + cfg.edits_per_round] for i in range(0, n, cfg.edits_per_round)]
     result = {
         "immutable": _rounds(lab, cfg, 0.0, chunks, log),

@@ -22,6 +22,7 @@ from collabedit.editors.base import EditorConfig
 from collabedit.evaluate.metrics import evaluate_requests
 from collabedit.models import arch
 from collabedit.requests import EditRequest
+from collabedit.world.edit_requests import RequestForm, world_requests
 from collabedit.world.store import WorldBundle
 
 CF_KEYS = ("ES", "PS", "NS", "Score")
@@ -96,6 +97,20 @@ class Lab:
                 w = w + beta1 * extra_s[layer].double()
             out[layer] = w
         return out
+
+    def eval_subjects(self) -> list[str]:
+        """The world's subjects the editor has not learned from (all of them for MEMIT; the
+        held-out ones for a trained hypernetwork), in the world's order."""
+        seen = self.setup.editor.trained_subjects(self.cfg)
+        return [s for s in self.bundle.world.subjects if s not in seen]
+
+    def requests(
+        self, n: int, seed: int = 0, form: RequestForm = "counterfact"
+    ) -> list[EditRequest]:
+        """`n` world requests on distinct subjects the editor has not learned from."""
+        return world_requests(
+            self.bundle.world, n, seed=seed, form=form, subjects=self.eval_subjects()
+        )
 
     def session(self, requests: Sequence[EditRequest], **overrides) -> EditSession:
         """The editor's session for `requests` on the model as it is now; `overrides` change

@@ -14,7 +14,6 @@ from pydantic import Field
 from collabedit.bench.common import BenchConfig, save_figure
 from collabedit.bench.lab import Lab, Log
 from collabedit.collab.protocol import apply_deltas
-from collabedit.world.edit_requests import world_requests
 
 
 class OverlapConfig(BenchConfig):
@@ -25,7 +24,7 @@ class OverlapConfig(BenchConfig):
 
 
 def run(lab: Lab, cfg: OverlapConfig, log: Log) -> dict:
-    requests = world_requests(lab.bundle.world, cfg.edits, seed=cfg.seed, form=cfg.form)
+    requests = lab.requests(cfg.edits, seed=cfg.seed, form=cfg.form)
     lab.reset()
     rows = []
     for r in range(cfg.repeats + 1):

@@ -11,7 +11,6 @@ from pydantic import Field
 
 from collabedit.bench.common import BenchConfig, method_lines, save_figure
 from collabedit.bench.lab import Lab, Log, merge_methods
-from collabedit.world.edit_requests import world_requests
 
 
 class ScaleConfig(BenchConfig):
@@ -23,7 +22,7 @@ class ScaleConfig(BenchConfig):
 
 def run(lab: Lab, cfg: ScaleConfig, log: Log) -> dict:
     counts = sorted(cfg.counts)
-    drawn = world_requests(lab.bundle.world, counts[-1], seed=cfg.seed, form=cfg.form)
+    drawn = lab.requests(counts[-1], seed=cfg.seed, form=cfg.form)
     log(f"[scale] target vectors of {len(drawn)} requests")
     session = lab.session(drawn)
     rows = []

@@ -155,6 +155,7 @@ def client_round(
         modules={e.layer: e.module for e in result.layers},
         editor=setup.editor.name,
         form=form,
+        n_edits=len(session.requests),
     )
     if mitigation is not None and mitigation.active:
         update = protect(

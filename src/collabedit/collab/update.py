@@ -92,6 +92,7 @@ class ClientUpdate:
         deltas: dict[int, torch.Tensor] | None = None,
         form: Literal["full", "factor", "auto"] = "full",
         generator: torch.Generator | None = None,
+        n_edits: int | None = None,
         **kw,
     ) -> ClientUpdate:
         """keys[layer] is (n, d_in), residuals[layer] is (n, d_out), as an editor returns them.
@@ -121,7 +122,15 @@ class ClientUpdate:
                 layers[layer] = LayerUpdate(delta=delta, F=F, G=G)
             else:
                 layers[layer] = LayerUpdate(P=R64.T @ K64, S=K64.T @ K64, delta=delta)
-        return cls(base_fingerprint, client_id, round, n or 0, layers, **kw)
+        n = n or 0
+        if n_edits is not None and n_edits != n:
+            # an editor with several key rows per edit (MALMEN: one per answer token)
+            if n_edits > n:
+                raise ValueError(f"{n_edits} edits but only {n} key rows")
+            kw["n_keys"] = n
+        return cls(
+            base_fingerprint, client_id, round, n_edits if n_edits is not None else n, layers, **kw
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)

@@ -67,6 +67,7 @@ def _load_plugins() -> None:
 
 def _builtins() -> None:
     # the built-in back-ends register themselves when their folder is imported
+    import collabedit.editors.malmen  # noqa: F401
     import collabedit.editors.memit  # noqa: F401
 
 

@@ -133,6 +133,9 @@ class Editor(ABC):
     summary: ClassVar[str]
     config_type: ClassVar[type[EditorConfig]]
     presets: ClassVar[dict[str, EditorConfig]] = {}
+    # clients x edits per client of `collabedit demo` with this editor (the paper's Table 1
+    # shape for MEMIT, scaled to the world)
+    demo_layout: ClassVar[tuple[int, int]] = (10, 10)
 
     def default_config(self, model: PreTrainedModel) -> EditorConfig:
         """The preset the model's config declares for this editor (`collabedit_presets`, e.g.
@@ -161,6 +164,11 @@ class Editor(ABC):
 
     def layers(self, model: PreTrainedModel, cfg: EditorConfig) -> list[int]:
         return list(arch.check_layers(model, cfg.layers or arch.default_layers(model)))
+
+    def trained_subjects(self, cfg: EditorConfig) -> frozenset[str]:
+        """Subjects the editor's learned parts have seen (a hypernetwork's training requests);
+        experiments evaluate on the others. None for editors that learn nothing."""
+        return frozenset()
 
     @abstractmethod
     def regulariser(

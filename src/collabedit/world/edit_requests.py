@@ -18,6 +18,38 @@ from collabedit.requests import EditRequest
 from collabedit.world.generator import FILLERS, World
 
 RequestForm = Literal["counterfact", "zsre"]
+Split = Literal["all", "train", "held-out"]
+
+# the share of subjects a learned editor (MALMEN's hypernetwork) may train on; experiments with
+# such an editor draw their requests from the rest
+TRAIN_SHARE = 0.5
+
+
+def subject_split(world: World, split: Split = "all", seed: int = 0) -> list[str]:
+    """The world's subjects, or a fixed half of them ("train") or the other half ("held-out"),
+    drawn by `seed` so every command that asks gets the same halves."""
+    if split == "all":
+        return list(world.subjects)
+    if split not in ("train", "held-out"):
+        raise ValueError(f"unknown split {split!r}; known: all, train, held-out")
+    order = sorted(world.subjects)
+    random.Random(seed).shuffle(order)
+    n_train = round(TRAIN_SHARE * len(order))
+    chosen = set(order[:n_train] if split == "train" else order[n_train:])
+    return [s for s in world.subjects if s in chosen]
+
+
+def training_requests(
+    world: World, subjects: list[str], per_subject: int, seed: int = 0
+) -> list[EditRequest]:
+    """`per_subject` requests on each subject (a random relation and new object each time),
+    alternating CounterFact and zsRE form; for training an editor, not for one batch of edits."""
+    out: list[EditRequest] = []
+    for k in range(per_subject):
+        form: RequestForm = "counterfact" if k % 2 == 0 else "zsre"
+        for r in world_requests(world, len(subjects), seed=seed + k, form=form, subjects=subjects):
+            out.append(r.model_copy(update={"case_id": len(out)}))
+    return out
 
 
 def world_requests(
