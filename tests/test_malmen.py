@@ -361,3 +361,41 @@ def test_table_3_on_the_world_with_the_shipped_hypernetwork(tmp_path):
     lab = Lab.open(load_world(), editor="malmen")
     seen = get_editor("malmen").trained_subjects(lab.cfg)
     assert len(seen) == 200 and not seen & set(lab.eval_subjects())
+
+
+def test_malmen_clients_and_server_from_the_command_line(tmp_path):
+    """Two `client edit --editor malmen` updates on held-out subjects and `server merge` with the
+    sanity bounds on: each update declares its edits and its token rows (the rank bound counts
+    rows), and the merged layers are the kappa I closed form of the files' sums."""
+    from collabedit.collab.update import load_update
+    from collabedit.models.loading import load_model
+    from collabedit.requests import load_requests, save_requests
+
+    held = tmp_path / "held.jsonl"
+    assert _cli("world", "requests", "--split", "held-out", "--n", 8, "--format", "jsonl",
+                "--out", held).exit_code == 0  # fmt: skip
+    reqs = load_requests(held)
+    args = []
+    for i in range(2):
+        f = tmp_path / f"r{i}.jsonl"
+        save_requests(reqs[4 * i : 4 * i + 4], f, "jsonl")
+        u = tmp_path / f"u{i}.safetensors"
+        r = _cli("client", "edit", "--model", "world", "--requests", f, "--out", u,
+                 "--client-id", f"c{i}", "--editor", "malmen")  # fmt: skip
+        assert r.exit_code == 0, r.output
+        args += ["--updates", u]
+    out = tmp_path / "merged"
+    r = _cli("server", "merge", "--model", "world", *args, "--out", out, "--state",
+             tmp_path / "state", "--editor", "malmen")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    loaded = [load_update(tmp_path / f"u{i}.safetensors") for i in range(2)]
+    assert all(u.n_edits == 4 and u.key_rows > 4 for u in loaded)
+    base, _ = load_model("world")
+    merged, _ = load_model(out)
+    setup = EditingSetup.open((base, _), "malmen")
+    for layer in loaded[0].layers:
+        P = sum(u.layers[layer].p_and_s()[0] for u in loaded)
+        S = sum(u.layers[layer].p_and_s()[1] for u in loaded)
+        want = torch.linalg.solve(setup.regulariser[layer] + S, P.T).T
+        got = arch.read_weight(merged, layer).double() - arch.read_weight(base, layer).double()
+        assert float((got - want).norm() / want.norm()) < 1e-5  # float32 weights
