@@ -208,3 +208,28 @@ def test_loopback_deployment_three_supernodes(tmp_path):
     finally:
         deployment.stop()  # by PID, then any helper naming our ports or folder
     assert not pids_mentioning(deployment.needles)
+
+
+def test_malmen_federation_on_the_simulation_engine(tmp_path):
+    """The second back-end through Flower: two clients edit subjects the world's hypernetwork
+    never saw and send factor-form updates (one column per answer token; the world's objects
+    are mostly one token); the federated model equals the in-process rounds."""
+    from collabedit.collab.update import load_update
+    from collabedit.editors import get_editor
+    from collabedit.requests import load_requests
+
+    s = ServerSettings(model=MODEL, editor="malmen", transport="factor")
+    result = simulate(2, 3, tmp_path, s, seed=1)
+    assert result["status"] == "done" and result["rounds"][0]["status"] == "merged"
+    # float32 sums in Ray's one-thread actors against this process's threads
+    assert result["max_rel_diff_vs_inprocess"] < 1e-4
+    assert result["methods"]["federated-collabedit"]["ES"] >= 80
+    for path in (tmp_path / "server" / "incoming").rglob("*.safetensors"):
+        u = load_update(path)
+        assert u.editor == "malmen" and u.n_edits == 3
+        assert all(lu.F.shape[1] == u.key_rows >= 3 for lu in u.layers.values())
+    setup = federation_setup(s)
+    seen = get_editor("malmen").trained_subjects(setup.cfg)
+    for i in range(2):
+        reqs = load_requests(tmp_path / "clients" / f"client-{i}" / "requests.jsonl")
+        assert not {r.subject for r in reqs} & seen

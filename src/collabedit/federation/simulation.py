@@ -21,16 +21,24 @@ Log = Callable[[str], None]
 
 
 def write_client_files(
-    model: str, n_clients: int, edits_per_client: int, work: Path, seed: int = 0
+    model: str,
+    n_clients: int,
+    edits_per_client: int,
+    work: Path,
+    seed: int = 0,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[dict[int, dict], list]:
-    """Private request files of the world's requests, split evenly; node configs per partition."""
+    """Private request files of the world's requests, split evenly; node configs per partition.
+    `exclude`: subjects not to draw (those the editor has learned from)."""
     from collabedit.bench.lab import split_evenly
     from collabedit.models.loading import resolve_model_path
     from collabedit.world.edit_requests import world_requests
     from collabedit.world.store import load_world
 
     world = load_world(resolve_model_path(model)).world
-    requests = world_requests(world, n_clients * edits_per_client, seed=seed, form="counterfact")
+    subjects = [s for s in world.subjects if s not in exclude]
+    n = n_clients * edits_per_client
+    requests = world_requests(world, n, seed=seed, form="counterfact", subjects=subjects)
     node_configs = {}
     for i, idx in enumerate(split_evenly(len(requests), n_clients)):
         path = work / "clients" / f"client-{i}" / "requests.jsonl"
@@ -182,13 +190,14 @@ def simulate(
             "min_clients": min(settings.min_clients, n_clients),
         }
     )
+    log(f"[simulate] {n_clients} clients x {edits_per_client} requests; statistics")
+    setup = federation_setup(settings, "server")  # warms the statistics cache for the clients too
+    seen = setup.editor.trained_subjects(setup.cfg)
     node_configs, requests = write_client_files(
-        settings.model, n_clients, edits_per_client, work, seed
+        settings.model, n_clients, edits_per_client, work, seed, exclude=seen
     )
     for i, extra in (node_overrides or {}).items():
         node_configs[i] |= extra
-    log(f"[simulate] {n_clients} clients x {edits_per_client} requests; statistics")
-    setup = federation_setup(settings, "server")  # warms the statistics cache for the clients too
     lm, tok, cfg, base = setup.model, setup.tokenizer, setup.cfg, setup.base_weights
     from flwr.simulation import run_simulation
 
