@@ -26,7 +26,7 @@ demo: $(VENV)/.core
 test: install
 	$(BIN)/python -m ruff check src tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) build *.egg-info

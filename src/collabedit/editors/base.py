@@ -167,7 +167,7 @@ class Editor(ABC):
 
     def trained_subjects(self, cfg: EditorConfig) -> frozenset[str]:
         """Subjects the editor's learned parts have seen (a hypernetwork's training requests);
-        experiments evaluate on the others. None for editors that learn nothing."""
+        experiments evaluate on the others. Empty for editors that learn nothing."""
         return frozenset()
 
     @abstractmethod
