@@ -952,10 +952,10 @@ def malmen_train(
     from collabedit.editors.malmen.train import plot_curves, train_hypernet
     from collabedit.models.loading import load_model
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not (resume or overwrite):
-        raise _fail(f"{out_dir} is not empty: pass --resume to continue or --overwrite")
     if out_dir.exists() and not out_dir.is_dir():
         raise _fail(f"{out_dir} is a file, not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (resume or overwrite):
+        raise _fail(f"{out_dir} is not empty: pass --resume to continue or --overwrite")
     reqs = _load_requests_or_exit(requests, format)
     try:
         lm, tok = load_model(model)
