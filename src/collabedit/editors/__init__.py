@@ -71,10 +71,17 @@ def _builtins() -> None:
     import collabedit.editors.memit  # noqa: F401
 
 
+# the built-in editors in the order they are listed, whichever module was imported first;
+# plugins follow in the order they registered
+BUILTIN_ORDER = ("memit", "memit-frozen", "malmen")
+
+
 def registry() -> dict[str, Editor]:
     _builtins()
     _load_plugins()
-    return dict(_REGISTRY)
+    names = [n for n in BUILTIN_ORDER if n in _REGISTRY]
+    names += [n for n in _REGISTRY if n not in BUILTIN_ORDER]
+    return {n: _REGISTRY[n] for n in names}
 
 
 def names() -> list[str]:
