@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from collabedit.models import arch
-from collabedit.models.tracing import encode_pair, pad_batch
+from collabedit.models.tracing import capture_mlp_inputs, encode_pair, pad_batch
 
 
 @dataclass
@@ -87,25 +87,19 @@ def per_pair_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @contextmanager
-def _probes(model: PreTrainedModel, layers: Sequence[int]) -> Iterator[dict]:
-    """While active, each edited projection's input is kept (its keys) and a zero tensor that
-    requires grad is added to its output: the gradient with respect to that zero is the
-    gradient with respect to the output, on every path through the layers above."""
-    store: dict = {"keys": {}, "probes": {}}
+def _probes(model: PreTrainedModel, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While active, a zero tensor that requires grad is added to each edited projection's
+    output: the gradient with respect to that zero is the gradient with respect to the output,
+    on every path through the layers above."""
+    store: dict[int, torch.Tensor] = {}
     handles = []
     for layer in layers:
-        module = arch.mlp_out(model, layer)
-
-        def pre(module, args, layer=layer):
-            store["keys"][layer] = args[0].detach()
 
         def post(module, args, output, layer=layer):
-            probe = torch.zeros_like(output, requires_grad=True)
-            store["probes"][layer] = probe
-            return output + probe
+            store[layer] = torch.zeros_like(output, requires_grad=True)
+            return output + store[layer]
 
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
+        handles.append(arch.mlp_out(model, layer).register_forward_hook(post))
     try:
         yield store
     finally:
@@ -140,13 +134,16 @@ def token_rows(
     try:
         for start in range(0, len(pairs), batch_size):
             batch = encode(tokenizer, pairs[start : start + batch_size])
-            with torch.enable_grad(), _probes(model, layers) as store:
+            with (
+                torch.enable_grad(),
+                capture_mlp_inputs(model, layers) as inputs,
+                _probes(model, layers) as probes,
+            ):
                 logits = answer_logits(model, batch)
                 nll = per_pair_nll(logits, batch)
-                probes = [store["probes"][layer] for layer in layers]
-                found = torch.autograd.grad(nll.sum(), probes)
+                found = torch.autograd.grad(nll.sum(), [probes[layer] for layer in layers])
             for layer, g in zip(layers, found, strict=True):
-                keys[layer].append(store["keys"][layer][batch.rows, batch.cols])
+                keys[layer].append(inputs[layer][batch.rows, batch.cols].detach())
                 grads[layer].append(g[batch.rows, batch.cols])
             owners.append(batch.owner + start)
             nlls.append(nll.detach())

@@ -41,6 +41,15 @@ def require_hypernet(cfg: MalmenConfig) -> tuple[MalmenNets, HypernetInfo]:
     return load_hypernet(cfg.hypernet)
 
 
+def kappa_regulariser(nets: MalmenNets, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """A0 = kappa_l I per layer (float64), kappa_l as the hypernetwork has learned it."""
+    shapes = nets.shapes()
+    return {
+        layer: float(nets.kappa(layer).detach()) * torch.eye(shapes[layer][0], dtype=torch.float64)
+        for layer in layers
+    }
+
+
 class MalmenSession(EditSession):
     """One party's MALMEN edit of its requests. Nothing is optimised per request: the tokens'
     keys and value gradients are read when `inputs` is called, on the model as it is then."""
@@ -173,12 +182,7 @@ class Malmen(Editor):
         nets, info = require_hypernet(cfg)
         layers = self.layers(model, cfg)
         check_tied(info, str(cfg.hypernet), base_fingerprint or arch.fingerprint(model), layers)
-        out = {}
-        for layer in layers:
-            d_in = nets.shapes()[layer][0]
-            kappa = float(nets.kappa(layer).detach().double())
-            out[layer] = kappa * torch.eye(d_in, dtype=torch.float64)
-        return out
+        return kappa_regulariser(nets, layers)
 
     def session(
         self,

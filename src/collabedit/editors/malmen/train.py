@@ -41,8 +41,9 @@ from collabedit import io
 from collabedit.editors.base import closed_form_edit
 from collabedit.editors.malmen.compute import answer_logits, encode, per_pair_nll, token_rows
 from collabedit.editors.malmen.config import MalmenConfig
-from collabedit.editors.malmen.editor import Malmen
+from collabedit.editors.malmen.editor import Malmen, kappa_regulariser
 from collabedit.editors.malmen.hypernet import INFO_FILE, HypernetInfo, MalmenNets, load_hypernet
+from collabedit.evaluate.scoring import score_targets
 from collabedit.models import arch
 from collabedit.requests import EditRequest
 
@@ -268,26 +269,17 @@ class Trainer:
 
     # -- validation --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _accuracy(self, pairs: Sequence[Pair]) -> list[float]:
-        out = []
-        for chunk in _chunks(pairs, self.cfg.batch_size):
-            batch = encode(self.tokenizer, chunk)
-            hit = (answer_logits(self.model, batch).argmax(-1).cpu() == batch.labels).double()
-            total = torch.zeros(batch.n_pairs, dtype=torch.float64).index_add(0, batch.owner, hit)
-            out += (total / torch.bincount(batch.owner, minlength=batch.n_pairs)).tolist()
-        return out
+        """Per pair, the top-1 accuracy of its target tokens (MALMEN's success ratio)."""
+        scores = score_targets(self.model, self.tokenizer, pairs, self.cfg.batch_size)
+        return [s.token_accuracy for s in scores]
 
     def validate(self, requests: Sequence[EditRequest]) -> dict[str, float]:
         """ES / GS / LS (percent) of editing `requests` in groups of up to n_edits with distinct
         subjects, with the editor's own inference path; the model is restored after each."""
         self.nets.eval()
         editor = Malmen()
-        regulariser = {
-            layer: float(self.nets.kappa(layer).detach())
-            * torch.eye(self.nets.shapes()[layer][0], dtype=torch.float64)
-            for layer in self.layers
-        }
+        regulariser = kappa_regulariser(self.nets, self.layers)
         es, gs, ls = [], [], []
         original = arch.snapshot(self.model, self.layers)
         try:
