@@ -98,8 +98,11 @@ def test_demo_collabedit_matches_global_and_baselines_do_not(tmp_path):
     unedited, glob, collab = methods["unedited"], methods["global"], methods["collabedit"]
     assert unedited["ES"] < 10 and unedited["NS"] > 90
     assert glob["ES"] >= unedited["ES"] + 60 and glob["EA"] >= unedited["EA"] + 60
-    for key in ("ES", "PS", "NS", "Score", "EA", "PA", "NA", "zsRE_Score"):
+    for key in ("ES", "PS", "NS", "Score", "EA", "PA", "NA", "zsRE_Score", "RS", "zsRE_RS"):
         assert abs(collab[key] - glob[key]) <= 0.5, key
+    # relation specificity is reported for both forms; unedited, the world knows every answer
+    assert unedited["RS"] >= 99 and unedited["zsRE_RS"] >= 99
+    assert "RS" in result.output
     # the destructive baselines, CounterFact-form Score
     assert methods["task-arithmetic"]["Score"] <= collab["Score"] - 2
     assert methods["ties"]["Score"] <= collab["Score"] - 20

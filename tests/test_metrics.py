@@ -20,7 +20,7 @@ from collabedit.evaluate.metrics import (
     zsre_case_metrics,
 )
 from collabedit.evaluate.scoring import score_targets
-from collabedit.requests import EditRequest
+from collabedit.requests import EditRequest, RelationPrompt
 
 WORDS = [
     "<pad>",
@@ -139,6 +139,27 @@ def test_zsre_token_accuracy_averages_over_target_tokens():
     assert case["neighborhood"] == 1.0
     result = evaluate_requests(lm, tok, [req])
     assert result["EA"] == 50.0 and result["NA"] == 100.0 and result["zsRE_Score"] == 0.0
+
+
+def test_relation_specificity_is_token_accuracy_of_the_kept_answers():
+    tok = _tokenizer()
+    lm = BigramLM(
+        {"speaks": {"English": 0.9, "French": 0.1}, "lives": {"in": 1.0}, "in": {"Paris": 1.0}}
+    )
+    kept = RelationPrompt(prompt="Ann lives", answer="in Paris")  # both tokens top-1
+    lost = RelationPrompt(prompt="Ann lives in", answer="New York")  # neither
+    half = RelationPrompt(prompt="Ann lives", answer="in York")  # "in" right, "York" wrong
+    reqs = [
+        _req(case_id=0, relation_prompts=[kept, lost]),  # 2 of 4 tokens
+        _req(case_id=1, relation_prompts=[half]),  # 1 of 2
+        _req(case_id=2),  # no relation prompts: does not count
+    ]
+    cases = zsre_case_metrics(lm, tok, reqs)
+    assert [c["relation"] for c in cases] == [0.5, 0.5, None]
+    result = evaluate_requests(lm, tok, reqs)
+    assert result["RS"] == 50.0
+    assert result["ES"] == 100.0  # RS is reported beside the Scores, not inside them
+    assert "RS" not in evaluate_requests(lm, tok, reqs[2:])
 
 
 def test_ngram_entropy_by_hand():

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from collabedit.requests import (
     EditRequest,
+    RelationPrompt,
     RequestFileError,
     detect_format,
     load_requests,
@@ -159,6 +160,20 @@ def _set(record: dict[str, Any], value: Any, *keys: str) -> None:
 
 
 MCF_CASES: list[tuple[str, Mutation, int, str, str]] = [
+    (
+        "relation prompt without answer",
+        lambda d: _set(d[1], [{"prompt": "Where was X born?", "answer": " "}], "relation_prompts"),
+        1,
+        "relation_prompts.0.answer",
+        "empty",
+    ),
+    (
+        "relation prompt with an unknown key",
+        lambda d: _set(d[0], [{"prompt": "p", "answer": "a", "weight": 1}], "relation_prompts"),
+        0,
+        "relation_prompts.0.weight",
+        "unknown key",
+    ),
     (
         "missing prompt",
         lambda d: _del(d[1], "requested_rewrite", "prompt"),
@@ -618,6 +633,9 @@ def edit_requests(draw: st.DrawFn, case_id: int = 0) -> EditRequest:
         neighborhood_target=draw(st.none() | _NONBLANK),
         attribute_prompts=draw(_PROMPTS),
         generation_prompts=draw(_PROMPTS),
+        relation_prompts=draw(
+            st.lists(st.builds(RelationPrompt, prompt=_TEXT, answer=_NONBLANK), max_size=2)
+        ),
     )
 
 
@@ -667,3 +685,4 @@ def test_round_trip_zsre_on_carried_fields(
         assert back.neighborhood_prompts == original.neighborhood_prompts[:1]
         assert back.neighborhood_target == (original.neighborhood_target or original.target_true)
         assert back.target_true is None and back.relation_id is None
+        assert back.relation_prompts == []

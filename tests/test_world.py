@@ -77,6 +77,19 @@ def test_requests_have_neighbourhoods_and_distinct_subjects():
         world_requests(world, 301)
 
 
+def test_requests_ask_the_edited_subjects_other_relations():
+    world = generate_world(WorldSpec(n_subjects=300))
+    for form in ("counterfact", "zsre"):
+        reqs = world_requests(world, 60, seed=3, form=form)
+        for r in reqs:
+            asked = {rel.id: rel for rel in world.relations if rel.id != r.relation_id}
+            assert len(r.relation_prompts) == len(asked)
+            for rp, rel in zip(r.relation_prompts, asked.values(), strict=True):
+                phrasings = rel.statements if form == "counterfact" else rel.questions
+                assert rp.prompt in {t.format(r.subject) for t in phrasings}
+                assert rp.answer == world.facts[r.subject][rel.id]
+
+
 def test_tiny_build_is_reproducible_and_loads(tmp_path):
     spec = WorldSpec(n_subjects=20, seed=1)
     cfg = TrainConfig(
@@ -158,6 +171,7 @@ def test_unedited_world_scores_as_unedited(shipped):
         if form == "counterfact":
             assert m["ES"] <= 3 and m["PS"] <= 3 and m["NS"] >= 97
         assert m["EA"] <= 5 and m["PA"] <= 5 and m["NA"] >= 95
+        assert m["RS"] >= 99  # the world knows its facts (recall >= 0.99)
 
 
 def test_shipped_world_local_layers_see_only_their_own_token(shipped):

@@ -113,7 +113,7 @@ def _load_requests_or_exit(path: Path, fmt: str):
 
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
-    columns = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "zsRE_Score", "NE"]
+    columns = ["ES", "PS", "NS", "Score", "EA", "PA", "NA", "zsRE_Score", "RS", "NE"]
     present = [c for c in columns if any(r.get(c) is not None for r in rows.values())]
     table = Table(title=title)
     table.add_column("model")
@@ -220,7 +220,8 @@ def demo(
 
     N clients edit their private requests; the server merges with CollabEdit and the destructive
     baselines; prints the paper's Table 1 layout (Table 3 with --editor malmen, on subjects
-    its hypernetwork was not trained on) and the merge fidelity against Global-Edit.
+    its hypernetwork was not trained on), plus relation specificity (RS: how many of the edited
+    subjects' other facts survive), and the merge fidelity against Global-Edit.
     """
     from collabedit.bench.demo import method_rows, run_demo
     from collabedit.editors import get_editor
@@ -243,18 +244,23 @@ def demo(
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    table = Table(
-        title=f"{clients} clients x {edits_per_client} edits on the embedded world, {editor} "
-        "(CounterFact-style | zsRE-style), percent"
-    )
-    table.add_column("method")
-    columns = ["NS", "PS", "ES", "Score", "NA", "PA", "EA", "zsRE_Score"]
-    for c in columns:
-        table.add_column(c if c != "zsRE_Score" else "Score", justify="right")
-    for row in method_rows():
-        m = result["methods"][row]
-        table.add_row(row, *(f"{m[c]:.1f}" for c in columns))
-    out.print(table)
+    setting = f"{clients} clients x {edits_per_client} edits on the embedded world, {editor}"
+    forms = {
+        "CounterFact-style": ["NS", "PS", "ES", "Score", "RS"],
+        "zsRE-style": ["NA", "PA", "EA", "zsRE_Score", "zsRE_RS"],
+    }
+    for form, columns in forms.items():
+        table = Table(
+            title=f"{setting}: {form}, percent",
+            caption="RS: share of the edited subjects' other relations that keep their answers",
+        )
+        table.add_column("method")
+        for c in columns:
+            table.add_column(c.removeprefix("zsRE_"), justify="right")
+        for row in method_rows():
+            m = result["methods"][row]
+            table.add_row(row, *("-" if m.get(c) is None else f"{m[c]:.1f}" for c in columns))
+        out.print(table)
     fid = result["fidelity"]
     if fid:
         out.print(

@@ -32,6 +32,7 @@ from collabedit import io
 __all__ = [
     "FORMATS",
     "EditRequest",
+    "RelationPrompt",
     "RequestFileError",
     "detect_format",
     "load_requests",
@@ -41,6 +42,21 @@ __all__ = [
 RequestFormat = Literal["mcf", "zsre", "jsonl"]
 FORMATS: tuple[str, ...] = ("mcf", "zsre", "jsonl")
 """The concrete file layouts; ``load_requests`` also accepts ``"auto"``."""
+
+
+class RelationPrompt(BaseModel):
+    """A prompt about the edited subject's other relation, with the answer it must keep."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    prompt: str
+    """Complete text, the subject already filled in."""
+    answer: str
+
+    @field_validator("answer")
+    @classmethod
+    def _answer_not_blank(cls, value: str) -> str:
+        return _strip_nonempty(value, "answer")
 
 
 class EditRequest(BaseModel):
@@ -69,6 +85,10 @@ class EditRequest(BaseModel):
     ``target_true``, which is the CounterFact convention."""
     attribute_prompts: list[str] = Field(default_factory=list)
     generation_prompts: list[str] = Field(default_factory=list)
+    relation_prompts: list[RelationPrompt] = Field(default_factory=list)
+    """Prompts about the edited subject's other relations and their answers, which the edit
+    must not change (relation specificity, RippleEdits). The world's requests carry them; the
+    published layouts have none (our ``mcf`` writer keeps them in an extension key)."""
 
     @field_validator("subject")
     @classmethod
@@ -340,9 +360,10 @@ def _parse_mcf(record: Any, index: int) -> EditRequest:
     """One MEMIT ``multi_counterfact.json`` record.
 
     The Wikidata ids of the targets and ``pararel_idx`` are checked but not kept: nothing in
-    editing or evaluation uses them. ``neighborhood_target`` is an optional extension key that
-    our writer adds only when the neighbourhood answer differs from ``target_true`` (MEMIT
-    ignores unknown keys), so that such requests survive a round trip.
+    editing or evaluation uses them. ``neighborhood_target`` and ``relation_prompts`` are optional
+    extension keys that our writer adds only when they carry something (``neighborhood_target``
+    when the neighbourhood answer differs from ``target_true``; MEMIT ignores unknown keys), so
+    that such requests survive a round trip.
     """
     record = _expect_object(record, None)
     rewrite = _expect_object(_required(record, "requested_rewrite"), "requested_rewrite")
@@ -365,6 +386,7 @@ def _parse_mcf(record: Any, index: int) -> EditRequest:
         **targets,
         **{key: _required(record, key) for key in _MCF_PROMPT_LISTS},
         "neighborhood_target": record.get("neighborhood_target"),
+        "relation_prompts": record.get("relation_prompts", []),
     }
     return _build(data, lambda loc: _dotted(loc, _MCF_REWRITE_FIELDS))
 
@@ -549,6 +571,8 @@ def _mcf_record(request: EditRequest) -> dict[str, Any]:
     }
     if request.neighborhood_target is not None:
         record["neighborhood_target"] = request.neighborhood_target
+    if request.relation_prompts:
+        record["relation_prompts"] = [r.model_dump() for r in request.relation_prompts]
     return record
 
 
@@ -587,7 +611,8 @@ def save_requests(
     Everything is converted before the file is touched, so a request the layout cannot carry
     raises ValueError and leaves any existing file intact. ``mcf`` and ``jsonl`` round-trip
     exactly; ``zsre`` keeps only what zsRE carries (first paraphrase, first neighbourhood prompt,
-    no target_true/relation_id/attribute or generation prompts; case_id becomes the index).
+    no target_true/relation_id/attribute, generation or relation prompts; case_id becomes the
+    index).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")

@@ -67,6 +67,14 @@ def _fidelity(
     return fid
 
 
+def _named(form: str, metrics: dict) -> dict:
+    """The demo keeps both forms' metrics in one row per method: RS of the zsRE-form requests
+    becomes zsRE_RS (the other metrics already have distinct names)."""
+    if form == "counterfact":
+        return metrics
+    return {("zsRE_RS" if k == "RS" else k): v for k, v in metrics.items()}
+
+
 def run_demo(
     bundle: WorldBundle,
     n_clients: int = 10,
@@ -90,7 +98,7 @@ def run_demo(
         requests = lab.requests(n, seed=seed, form=form)
         log(f"[{form}] {editor}: preparing {n} requests")
         session = lab.session(requests)
-        methods["unedited"] |= lab.score(requests, keys)
+        methods["unedited"] |= _named(form, lab.score(requests, keys))
         scores = lab.compare(
             requests,
             n_clients,
@@ -99,7 +107,7 @@ def run_demo(
             log=lambda m, f=form: log(f"[{f}] {m}"),
         )
         for row, m in scores.items():
-            methods[row] |= m
+            methods[row] |= _named(form, m)
         if form == "counterfact" and fidelity:
             fid = _fidelity(lab, session, n_clients, fidelity_editors, log)
     return {

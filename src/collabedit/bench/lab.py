@@ -25,8 +25,9 @@ from collabedit.requests import EditRequest
 from collabedit.world.edit_requests import RequestForm, world_requests
 from collabedit.world.store import WorldBundle
 
-CF_KEYS = ("ES", "PS", "NS", "Score")
-ZSRE_KEYS = ("EA", "PA", "NA", "zsRE_Score")
+# RS (relation specificity) is reported where the requests carry relation prompts (world ones do)
+CF_KEYS = ("ES", "PS", "NS", "Score", "RS")
+ZSRE_KEYS = ("EA", "PA", "NA", "zsRE_Score", "RS")
 
 Log = Callable[[str], None]
 

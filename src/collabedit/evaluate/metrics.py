@@ -9,6 +9,10 @@ CounterFact (per request, then averaged over requests; values in percent):
 zsRE (teacher-forced top-1 accuracy over the target's tokens, per request then averaged):
   EA on the rewrite prompt, PA on the paraphrase, NA on the neighbourhood prompt against its answer
   (loc_ans; for the world's requests that is the unedited model's answer), Score = harmonic mean.
+RS (relation specificity, RippleEdits' term; not in the papers' Scores): top-1 token accuracy of
+  the expected answers of the request's relation prompts, questions about the edited subject's
+  other relations, which an edit of one fact should leave alone. Only requests that carry such
+  prompts count (the world's do; the published datasets have none), so it is absent otherwise.
 NE: n-gram entropy of sampled generations (MEMIT's weights 2/3 and 4/3 for 2- and 3-grams).
 """
 
@@ -35,7 +39,7 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-KINDS = ("rewrite", "paraphrase", "neighborhood")
+KINDS = ("rewrite", "paraphrase", "neighborhood", "relation")
 
 
 def _per_case(
@@ -75,7 +79,7 @@ def _counterfact_pairs(req: EditRequest) -> list[tuple[str, str, str]]:
     }
     return [
         (kind, p, t)
-        for kind in KINDS
+        for kind in prompts
         for p in prompts[kind]
         for t in (req.target_new, req.target_true)
     ]
@@ -112,6 +116,7 @@ def _zsre_pairs(req: EditRequest) -> list[tuple[str, str, str]]:
     pairs += [("paraphrase", p, req.target_new) for p in req.paraphrase_prompts]
     if answer is not None:
         pairs += [("neighborhood", p, answer) for p in req.neighborhood_prompts]
+    pairs += [("relation", r.prompt, r.answer) for r in req.relation_prompts]
     return pairs
 
 
@@ -127,8 +132,9 @@ def zsre_case_metrics(
     batch_size: int = 256,
     progress: Progress = None,
 ) -> list[dict]:
-    """Per request: top-1 token accuracy of target_new (rewrite, paraphrase) and of the
-    neighbourhood answer on neighbourhood prompts (fractions)."""
+    """Per request: top-1 token accuracy of target_new (rewrite, paraphrase), of the
+    neighbourhood answer on neighbourhood prompts and of the relation prompts' answers
+    (fractions; scored in the same batched pass)."""
     return _per_case(model, tokenizer, requests, _zsre_pairs, _zsre_outcomes, batch_size, progress)
 
 
@@ -150,6 +156,12 @@ def summarise_zsre(cases: list[dict]) -> dict[str, float | None]:
     return _summarise(
         cases, {"rewrite": "EA", "paraphrase": "PA", "neighborhood": "NA"}, "zsRE_Score"
     )
+
+
+def summarise_relation(cases: list[dict]) -> dict[str, float]:
+    """{"RS": percent} over the requests that have relation prompts, or {} when none has."""
+    values = [c["relation"] for c in cases if c.get("relation") is not None]
+    return {"RS": 100.0 * fmean(values)} if values else {}
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -220,13 +232,15 @@ def evaluate_requests(
     progress: Progress = None,
 ) -> dict:
     """Every metric that applies: CounterFact metrics when all requests have target_true, zsRE
-    metrics always, NE when `generation` and the requests have generation prompts."""
+    metrics always, RS when requests have relation prompts, NE when `generation` and the
+    requests have generation prompts."""
     result: dict = {"n_requests": len(requests)}
     if all(r.target_true is not None for r in requests):
         result |= summarise_counterfact(
             counterfact_case_metrics(model, tokenizer, requests, batch_size, progress)
         )
-    result |= summarise_zsre(zsre_case_metrics(model, tokenizer, requests, batch_size, progress))
+    zsre_cases = zsre_case_metrics(model, tokenizer, requests, batch_size, progress)
+    result |= summarise_zsre(zsre_cases) | summarise_relation(zsre_cases)
     if generation:
         prompts = [p for r in requests for p in r.generation_prompts]
         if prompts:

@@ -5,7 +5,8 @@ phrasings behind an unrelated lead-in sentence; neighbourhood prompts ask the sa
 subjects whose true object is the request's target_true (so the true object must stay); attribute
 prompts ask subjects whose true object is target_new. zsRE form: the rewrite prompt and paraphrase
 are the relation's two questions; the neighbourhood prompt is another subject's question, answered
-by its true object.
+by its true object. Both forms carry relation prompts: one prompt (a statement, or a question in
+zsRE form) for each of the subject's other relations, expecting its true object.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 from typing import Literal
 
 from collabedit.conflict_requests import ConflictPair
-from collabedit.requests import EditRequest
+from collabedit.requests import EditRequest, RelationPrompt
 from collabedit.world.generator import FILLERS, World
 
 RequestForm = Literal["counterfact", "zsre"]
@@ -68,10 +69,22 @@ def world_requests(
     if n > len(pool):
         raise ValueError(f"asked for {n} requests but the world has only {len(pool)} subjects")
     rng = random.Random(seed)
+    # relation prompts draw from their own stream, so adding them left every other draw as it was
+    rel_rng = random.Random(f"relation prompts {seed}")
     chosen = rng.sample(pool, n)
     requests = []
     for case_id, subject in enumerate(chosen):
         rel = rng.choice(world.relations)
+        relation_prompts = [
+            RelationPrompt(
+                prompt=rel_rng.choice(
+                    other.statements if form == "counterfact" else other.questions
+                ).format(subject),
+                answer=world.facts[subject][other.id],
+            )
+            for other in world.relations
+            if other.id != rel.id
+        ]
         target_true = world.facts[subject][rel.id]
         target_new = rng.choice([o for o in rel.objects if o != target_true])
         others = [s for s in world.subjects_with(rel.id, target_true) if s != subject]
@@ -102,6 +115,7 @@ def world_requests(
                     generation_prompts=[
                         rng.choice(r.statements).format(subject) for r in rng.sample(other_rels, 2)
                     ],
+                    relation_prompts=relation_prompts,
                 )
             )
         else:
@@ -118,6 +132,7 @@ def world_requests(
                     paraphrase_prompts=[rel.questions[1].format(subject)],
                     neighborhood_prompts=[rng.choice(loc_rel.questions).format(neighbour)],
                     neighborhood_target=world.facts[neighbour][loc_rel.id],
+                    relation_prompts=relation_prompts,
                 )
             )
     return requests
