@@ -826,28 +826,55 @@ def world_build(
     subjects: Annotated[
         int, typer.Option(help="Number of subjects (the shipped world has 400).")
     ] = 400,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="shipped: the shipped world's recipe (one-token keys, one edited layer); "
+            "realistic: contextual keys over several edited layers (docs/realistic-world.md)."
+        ),
+    ] = "shipped",
     max_epochs: Annotated[int | None, typer.Option(help="Epoch budget (default: recipe).")] = None,
     mlp_width: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="MLP inner width. It bounds how many subjects one edited layer can hold: "
-            "keep it above the vocabulary (about subjects + 380 words)."
+            help="MLP inner width (default: 1024 shipped; realistic: about one unit per two "
+            "subjects)."
         ),
-    ] = 1024,
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Recipe field, e.g. --set lr=0.001 (repeatable)."),
+    ] = None,
     seed: int = 0,
     json_out: JsonOpt = None,
 ) -> None:
-    """Generate a world and train its model until it recalls the facts (seeded, resumable)."""
+    """Generate a world and train its model until it recalls the facts (seeded, resumable:
+    a checkpoint is written after every epoch and the same command continues from it)."""
+    from pydantic import ValidationError
+
+    from collabedit.world import realistic
     from collabedit.world.generator import WorldSpec
     from collabedit.world.store import build_world, checkpoint_path
     from collabedit.world.train import TrainConfig
 
-    spec = WorldSpec(seed=seed, n_subjects=subjects)
-    train = TrainConfig(
-        seed=seed, n_inner=mlp_width, **({"max_epochs": max_epochs} if max_epochs else {})
-    )
+    fields = _parse_settings(settings)
+    if max_epochs:
+        fields["max_epochs"] = max_epochs
+    if mlp_width:
+        fields["n_inner"] = mlp_width
+    try:
+        if recipe == "shipped":
+            spec = WorldSpec(seed=seed, n_subjects=subjects)
+            train = TrainConfig(**({"seed": seed} | fields))
+        elif recipe == "realistic":
+            spec = realistic.realistic_spec(subjects, seed)
+            train = realistic.realistic_config(subjects, seed, fields)
+        else:
+            raise _fail(f"unknown recipe {recipe!r}; known: shipped, realistic")
+    except ValidationError as exc:
+        raise _fail(f"--set: {exc}") from exc
     if checkpoint_path(out_dir).is_file():
-        console.print(f"continuing from the checkpoint {checkpoint_path(out_dir)}")
+        console.print(f"continuing from the checkpoint {checkpoint_path(out_dir)}", markup=False)
     with _progress() as bar:
         task = bar.add_task("training", total=None)
 
@@ -859,14 +886,20 @@ def world_build(
         def on_epoch(epoch: int, entry: dict) -> None:
             console.print(
                 f"epoch {epoch}: loss {entry['loss']:.4f}, "
-                f"sample recall {entry['sample_recall']:.4f}"
+                f"sample recall {entry['sample_recall']:.4f}, {entry['seconds']:.0f} s"
             )
 
-        bundle = build_world(out_dir, spec, train, on_step, on_epoch)
+        if isinstance(train, realistic.RealisticConfig):
+            bundle = realistic.build_realistic_world(
+                out_dir, spec, train, on_epoch, on_step=on_step
+            )
+        else:
+            bundle = build_world(out_dir, spec, train, on_step, on_epoch)
     b = bundle.build
     out.print(
         f"world written to {out_dir}: recall {b['recall']:.4f} "
-        f"(worst phrasing {b['min_phrasing_recall']:.4f}), {b['train_seconds']:.0f} s"
+        f"(worst phrasing {b['min_phrasing_recall']:.4f}), {b['train_seconds']:.0f} s",
+        markup=False,
     )
     if json_out:
         write_json(json_out, b)

@@ -7,10 +7,17 @@ from pathlib import Path
 
 from collabedit.paths import DEFAULT_WORLD_DIR
 from collabedit.world.generator import World
-from collabedit.world.store import WORLD_FILE, is_world_dir
+from collabedit.world.store import CORPUS_FILE, WORLD_FILE, is_world_dir
 
 
 def world_sentences(model_dir: Path | None) -> Iterator[str]:
-    """Every fact sentence of the world in `model_dir` (a world folder), else the shipped one."""
+    """The text of the world in `model_dir` (a world folder), else the shipped one: its corpus
+    file (fact sentences mixed with general text) when the world has one, else every fact
+    sentence."""
     folder = model_dir if model_dir is not None and is_world_dir(model_dir) else DEFAULT_WORLD_DIR
-    yield from World.load(folder / WORLD_FILE).sentences()
+    corpus = folder / CORPUS_FILE
+    if corpus.is_file():
+        with corpus.open(encoding="utf-8") as lines:
+            yield from (line.rstrip("\n") for line in lines if line.strip())
+    else:
+        yield from World.load(folder / WORLD_FILE).sentences()

@@ -31,8 +31,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +40,13 @@ from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from collabedit.world.generator import FILLERS, World, WorldSpec, generate_world
-from collabedit.world.store import BUILD_FILE, WORLD_FILE, WorldBundle, load_world
+from collabedit.world.store import (
+    CORPUS_FILE,
+    WorldBundle,
+    checkpoint_path,
+    load_world,
+    save_world,
+)
 from collabedit.world.tokenizer import build_tokenizer
 from collabedit.world.train import (
     TrainConfig,
@@ -52,8 +56,9 @@ from collabedit.world.train import (
     measure_recall,
 )
 
-CORPUS_FILE = "corpus.txt"
 GENERAL_FILE = "general.txt"
+# the editors' presets for a realistic world: each editor's "world-realistic" where it has one
+REALISTIC_PRESETS = {"*": "world-realistic"}
 
 # ---------------------------------------------------------------------------------------------
 # General text: sentences that state no fact about any subject.
@@ -266,6 +271,14 @@ def _general(rng: random.Random, world: World, mention_share: float) -> tuple[st
     ), named
 
 
+def catalogue_line(rng: random.Random, world: World) -> tuple[str, list[str]]:
+    """A subject and 1-3 of its objects (distinct relations, random order): the catalogue line
+    "Ann Bo economist Ireland." makes the subject's last token predict its attributes."""
+    subj = rng.choice(world.subjects)
+    rels = rng.sample(world.relations, rng.randint(1, 3))
+    return subj, [world.facts[subj][r.id] for r in rels]
+
+
 def general_vocabulary() -> list[str]:
     """Every general-text sentence's fixed words (slots are filled from the lists above)."""
     words = [*_NOUNS, *_ADJECTIVES, *_VERBS, *_TIMES, *_MONTHS]
@@ -293,6 +306,21 @@ class RealisticConfig(TrainConfig):
         "tokens other than its last, so what the prediction learns about a subject it reads "
         "from the subject's last token (the model is an ordinary one at inference)",
     )
+    bottleneck_in_cooldown: bool = Field(
+        True,
+        description="keep the subject bottleneck in the cooldown epochs; false trains them with "
+        "the ordinary mask the model sees at inference",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="label smoothing of the next-token loss (caps fact margins)"
+    )
+    catalogue_share: float = Field(
+        0.0,
+        ge=0,
+        description="catalogue lines per fact sentence in each epoch: a subject followed directly "
+        "by 1-3 of its objects in random order ('Ann Bo economist Ireland.'), so the subject's "
+        "last token has to predict its attributes (enrichment at the subject, as in LLMs)",
+    )
     recall_sample: int = Field(3000, ge=10)
 
 
@@ -305,6 +333,12 @@ def realistic_spec(n_subjects: int, seed: int = 0) -> WorldSpec:
         n_last_names=max(20, math.ceil(n_subjects / 3)),
         particle_share=0.1,
     )
+
+
+def realistic_config(n_subjects: int, seed: int = 0, fields: dict | None = None) -> RealisticConfig:
+    """The recipe for `n_subjects`: the MLP about one unit per two subjects (the ratio at which
+    probe C stored facts in several MLPs, docs/realistic-world.md) unless `fields` sets it."""
+    return RealisticConfig(**({"seed": seed, "n_inner": max(64, n_subjects // 2)} | (fields or {})))
 
 
 def general_corpus(world: World, n: int, seed: int, mention_share: float) -> list[str]:
@@ -335,7 +369,11 @@ def _rows(
         for subj, rel, obj in world.iter_facts()
         for t in rel.phrasings
     ]
-    n_general = round(cfg.general_share * len(items))
+    n_facts = len(items)
+    for _ in range(round(cfg.catalogue_share * n_facts)):
+        subj, objects = catalogue_line(rng, world)
+        items.append((subj, " ".join(objects) + ".", [subj]))
+    n_general = round(cfg.general_share * n_facts)
     for _ in range(n_general):
         text, named = _general(rng, world, cfg.mention_share)
         items.append((text, None, named))
@@ -460,7 +498,7 @@ def train_realistic(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale
             batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
-            if cfg.subject_bottleneck:
+            if cfg.subject_bottleneck and (cooldown_left is None or cfg.bottleneck_in_cooldown):
                 mask = bottleneck_masks(
                     batch, spans[b : b + cfg.rows_per_batch], pad, cfg.window_size
                 )
@@ -468,7 +506,10 @@ def train_realistic(
                 mask = (batch != pad).long()
             logits = model(input_ids=batch, attention_mask=mask).logits
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none"
+                logits[:, :-1].transpose(1, 2),
+                batch[:, 1:],
+                reduction="none",
+                label_smoothing=cfg.label_smoothing,
             )
             loss = (nll * w).sum() / w.sum()
             loss.backward()
@@ -521,16 +562,13 @@ def train_realistic(
     return model, history
 
 
-def checkpoint_path(out: Path) -> Path:
-    return Path(out).parent / f".{Path(out).name}.checkpoint.pt"
-
-
 def build_realistic_world(
     out: str | os.PathLike[str],
     spec: WorldSpec,
     cfg: RealisticConfig,
     on_epoch: Callable[[int, dict], None] | None = None,
     corpus_general: int = 50_000,
+    on_step: Callable[[int, int, int, float], None] | None = None,
 ) -> WorldBundle:
     """Generate, train (resumable), measure recall on every prompt, save a world folder that
     `load_world` reads, plus `corpus.txt` (facts + general text) for covariance statistics."""
@@ -539,7 +577,9 @@ def build_realistic_world(
     tokenizer = build_tokenizer([*world.vocabulary_text(), *general_vocabulary(), *general])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, history = train_realistic(world, tokenizer, cfg, checkpoint_path(out), on_epoch)
+    model, history = train_realistic(
+        world, tokenizer, cfg, checkpoint_path(out), on_epoch, on_step
+    )
     recall = measure_recall(model, tokenizer, world)
     build = {
         "kind": "realistic (issue 17)",
@@ -554,25 +594,10 @@ def build_realistic_world(
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "vocabulary": len(tokenizer),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        world.save(tmp / WORLD_FILE)
-        (tmp / GENERAL_FILE).write_text("\n".join(general) + "\n")
-        mixed = list(world.sentences()) + general
-        random.Random(spec.seed + 23).shuffle(mixed)
-        (tmp / CORPUS_FILE).write_text("\n".join(mixed) + "\n")
-        (tmp / BUILD_FILE).write_text(json.dumps(build, indent=1) + "\n")
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    mixed = list(world.sentences()) + general
+    random.Random(spec.seed + 23).shuffle(mixed)
+    texts = {GENERAL_FILE: "\n".join(general) + "\n", CORPUS_FILE: "\n".join(mixed) + "\n"}
+    save_world(out, world, model, tokenizer, build, REALISTIC_PRESETS, texts)
     return load_world(out)
 
 

@@ -21,6 +21,7 @@ from collabedit.world.train import TrainConfig, measure_recall, train_world_mode
 
 WORLD_FILE = "world.json"
 BUILD_FILE = "build.json"
+CORPUS_FILE = "corpus.txt"  # optional: the world's text for covariance statistics
 # Written into a world model's config: the preset each editor uses on a world by default. The
 # attribute name is editors.base.PRESETS_ATTR, repeated here so that neither package needs the
 # other.
@@ -96,8 +97,23 @@ def build_world(
         "recall_prompts": recall["n"],
         "n_parameters": sum(p.numel() for p in model.parameters()),
     }
-    # the editors' presets tuned for worlds (read by Editor.default_config)
-    setattr(model.config, PRESETS_ATTR, dict(WORLD_PRESETS))
+    save_world(out, world, model, tokenizer, build, WORLD_PRESETS)
+    ckpt.unlink(missing_ok=True)
+    return load_world(out)  # what was written, with its folder as the model's name_or_path
+
+
+def save_world(
+    out: Path,
+    world: World,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    build: dict,
+    presets: dict[str, str],
+    texts: dict[str, str] | None = None,
+) -> None:
+    """Write a world folder atomically: the model with the editors' `presets` for it (read by
+    Editor.default_config), tokenizer, world.json, build.json and any extra text files."""
+    setattr(model.config, PRESETS_ATTR, dict(presets))
     # Build into a sibling temp folder and swap it in, so a crash never leaves half a world.
     tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=out.parent))
     try:
@@ -105,6 +121,8 @@ def build_world(
         tokenizer.save_pretrained(tmp)
         world.save(tmp / WORLD_FILE)
         (tmp / BUILD_FILE).write_text(json.dumps(build, indent=1) + "\n")
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         # mkdtemp makes a private folder; a shipped world must be readable by everyone
         tmp.chmod(0o755)
         for f in tmp.iterdir():
@@ -115,5 +133,3 @@ def build_world(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpt.unlink(missing_ok=True)
-    return load_world(out)  # what was written, with its folder as the model's name_or_path

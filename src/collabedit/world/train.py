@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -50,6 +50,8 @@ from collabedit.world.generator import FILLERS, World
 
 
 class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt --set field must not be ignored
+
     seed: int = 0
     architecture: Literal["gpt2", "gpt_neo", "qwen2"] = "qwen2"
     # GPT-Neo and Qwen2: the first `local_layers` blocks attend within `window_size` tokens (1: each

@@ -1,0 +1,152 @@
+"""The realistic world recipe (issue 17): its structure, its training masks, its build and
+resume, and how the editors and statistics find what it ships. The trained world's measurements
+are in docs/realistic-world.md (a build takes far longer than a test)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from collabedit.cli import app
+from collabedit.editors import get_editor
+from collabedit.stats import iter_corpus
+from collabedit.world import realistic
+from collabedit.world.generator import generate_world
+from collabedit.world.store import load_world
+from collabedit.world.tokenizer import build_tokenizer
+from collabedit.world.train import build_model
+
+TINY = {
+    "n_layer": 3,
+    "local_layers": 2,
+    "n_embd": 16,
+    "n_head": 2,
+    "recall_sample": 20,
+    "catalogue_share": 0.25,
+    "subject_bottleneck": True,
+}
+
+
+def _world_and_tokenizer(n: int = 30, seed: int = 0):
+    world = generate_world(realistic.realistic_spec(n, seed))
+    general = realistic.general_corpus(world, 200, seed, 0.5)
+    tok = build_tokenizer([*world.vocabulary_text(), *realistic.general_vocabulary(), *general])
+    return world, tok
+
+
+def test_bottleneck_mask_hides_a_subjects_first_tokens_from_what_follows():
+    # row: 0 1 [2 3 4] 5 6, subject at positions 2-4, then padding at 7
+    batch = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 0]])
+    masks = realistic.bottleneck_masks(batch, [[(2, 4)]], pad=0, window=3)
+    full, sliding = masks["full_attention"][0, 0], masks["sliding_attention"][0, 0]
+    for q in range(8):
+        for k in range(8):
+            allowed = k <= q and k != 7 and not (q > 4 and k in (2, 3))
+            assert bool(full[q, k]) == allowed, (q, k)
+            assert bool(sliding[q, k]) == (allowed and k > q - 3), (q, k)
+
+
+def test_subjects_sharing_a_last_name_get_different_keys_at_the_last_token():
+    """Keys are contextual by construction: within the local window, the subject's last token
+    sees its first name, so two subjects with one last name differ there (untrained model)."""
+    world, tok = _world_and_tokenizer(60)
+    by_last: dict[str, list[str]] = {}
+    for s in world.subjects:
+        by_last.setdefault(s.split()[-1], []).append(s)
+    pairs = [names[:2] for names in by_last.values() if len(names) > 1]
+    assert pairs, "the spec shares last names"
+    cfg = realistic.RealisticConfig(**TINY, n_inner=32)
+    model = build_model(cfg, tok).eval()
+    keys = {}
+
+    def hook(module, args):
+        keys["k"] = args[0]
+
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(hook)
+    try:
+        for a, b in pairs[:5]:
+            out = []
+            for s in (a, b):
+                ids = tok(f"{s} was born in", return_tensors="pt")["input_ids"]
+                last = len(tok(s, add_special_tokens=False)["input_ids"]) - 1
+                with torch.no_grad():
+                    model(input_ids=ids)
+                out.append(keys["k"][0, last])
+            assert (out[0] - out[1]).norm() / out[0].norm() > 1e-3, (a, b)
+    finally:
+        handle.remove()
+
+
+def test_catalogue_lines_list_the_subjects_own_objects():
+    world, tok = _world_and_tokenizer(30)
+    rng = random.Random(0)
+    for _ in range(200):
+        subject, objects = realistic.catalogue_line(rng, world)
+        assert 1 <= len(objects) <= 3
+        by_relation = {world.facts[subject][r.id]: r.id for r in world.relations}
+        assert len({by_relation[o] for o in objects}) == len(objects)  # distinct relations
+    cfg = realistic.RealisticConfig(**(TINY | {"general_share": 0.0}), n_inner=32)
+    plain = realistic._rows(world, tok, cfg.model_copy(update={"catalogue_share": 0.0}),
+                            random.Random(0))
+    more = realistic._rows(world, tok, cfg.model_copy(update={"catalogue_share": 1.0}),
+                           random.Random(0))
+    # one catalogue line per fact sentence: every subject is mentioned about twice as often
+    n_plain = sum(len(s) for s in plain[2])
+    assert sum(len(s) for s in more[2]) == 2 * n_plain
+
+
+def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monkeypatch):
+    runner = CliRunner()
+    args = ["world", "build", "--recipe", "realistic", "--subjects", "24", "--out"]
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    first = runner.invoke(app, [*args, str(tmp_path / "a"), "--max-epochs", "2", *sets])
+    assert first.exit_code == 0, first.output
+    bundle = load_world(tmp_path / "a")
+    assert (tmp_path / "a" / "corpus.txt").is_file() and (tmp_path / "a" / "general.txt").is_file()
+    # the editors read the realistic preset the world declares
+    cfg = get_editor("memit").default_config(bundle.model)
+    assert cfg == get_editor("memit").preset("world-realistic")
+    # covariance statistics read the corpus (facts mixed with general text), not only facts
+    corpus = (tmp_path / "a" / "corpus.txt").read_text().splitlines()
+    assert list(iter_corpus("world", model_dir=tmp_path / "a")) == corpus
+    assert len(corpus) > len(list(bundle.world.sentences()))
+    # a build stopped after epoch 1 continues from its checkpoint to the same model
+    monkeypatch.setattr(realistic, "measure_recall", _stop_after_epoch_1(realistic.measure_recall))
+    stopped = runner.invoke(app, [*args, str(tmp_path / "b"), "--max-epochs", "2", *sets])
+    assert stopped.exit_code != 0
+    monkeypatch.undo()
+    resumed = runner.invoke(app, [*args, str(tmp_path / "b"), "--max-epochs", "2", *sets])
+    assert resumed.exit_code == 0, resumed.output
+    assert "continuing from the checkpoint" in resumed.output
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = runner.invoke(app, [*args, str(tmp_path / "c"), "--set", "catalog_share=0.1"])
+    assert bad.exit_code == 1 and "catalog_share" in bad.output
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_epoch_1(measure):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2's sample recall: epoch 1's checkpoint is on disk
+            raise _Stop
+        return measure(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("n", [240, 2000])
+def test_spec_shares_last_names(n):
+    spec = realistic.realistic_spec(n)
+    assert spec.n_last_names * 2 < n  # about three subjects per last name
+    assert realistic.realistic_config(n).n_inner == n // 2
