@@ -150,3 +150,14 @@ def test_spec_shares_last_names(n):
     spec = realistic.realistic_spec(n)
     assert spec.n_last_names * 2 < n  # about three subjects per last name
     assert realistic.realistic_config(n).n_inner == n // 2
+
+
+def test_attention_only_global_layers_keep_zero_mlps_through_training():
+    world, tok = _world_and_tokenizer(20)
+    cfg = realistic.RealisticConfig(
+        **(TINY | {"attention_only_global": True}), n_inner=32, max_epochs=1, cooldown_epochs=1
+    )
+    model, _ = realistic.train_realistic(world, tok, cfg)
+    for layer in range(cfg.n_layer):
+        weight = model.model.layers[layer].mlp.down_proj.weight
+        assert bool((weight == 0).all()) == (layer >= cfg.local_layers), layer

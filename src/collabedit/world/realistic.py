@@ -1,33 +1,30 @@
-"""A more realistic embedded world (issue 17): contextual keys, general text, shared last names.
+"""A more realistic embedded world (issue 17): contextual keys, facts written at the subject by
+several MLPs, general text, shared last names. Built by `collabedit world build --recipe
+realistic`; the measurements behind each choice are in docs/realistic-world.md.
 
 The shipped world (train.py) gives layers 0-1 an attention window of one token, so a subject's key
-at the edited layer is a function of its last token alone. This module builds a world whose keys
-are contextual, by three changes that leave the shipped recipe untouched:
+at the edited layer is a function of its last token alone. This recipe changes that and keeps the
+rest of train.py's (schedule driven by sample recall, packing, checkpoints after every epoch that
+a rerun continues from):
 
 * Names are composed. Last names are shared by several subjects (`WorldSpec.n_last_names`), so
   the subject's last token identifies nobody alone: its state has to combine first and last name.
 * The first `local_layers` blocks attend within a window of a few tokens (`window_size`, default
-  3: the token itself and the two before it). In those layers the subject's last token composes
-  its name and a little context; the prediction position sees only its own few tokens, so for most
-  phrasings it cannot reach the subject and has to read what the subject's position knows from the
-  global layers above (MEMIT's premise). The receptive field of the subject's last token after
-  L local layers is L * (window - 1) + 1 tokens.
-* A general-text component: sentences that state no fact (events, places, people meeting), some of
-  them mentioning subjects in other contexts. It gives the MLP inputs varied contexts, which is
-  what makes the key covariance full rank, and gives MEMIT's generated context prefixes something
-  to say. It is also the covariance corpus (facts + general text, `corpus.txt` in the folder).
-
-Everything else (the schedule driven by sample recall, packing, checkpoints after every epoch that
-a rerun continues from) is the recipe of train.py, reused.
-
-Build (resumable; rerun the same command after an interruption):
-    python -m collabedit.world.realistic build --out DIR --subjects 2000 ...
+  3: the token itself and the two before it), so the subject's last token composes its name and a
+  little context; its receptive field after L local layers is L * (window - 1) + 1 tokens.
+* The subject bottleneck (training only): tokens after a subject may not attend to its tokens
+  before the last, so what the prediction learns about a subject it reads from the subject's last
+  token, where MEMIT edits. The cooldown epochs train with the ordinary mask, which the model has
+  at inference, so recall does not suffer from the difference.
+* Catalogue lines ("Ann Bo economist Ireland."): the subject's last token has to predict its
+  attributes, so the MLPs at the subject write them there (enrichment, as in LLMs).
+* A general-text component: sentences that state no fact, some of them mentioning subjects in
+  other contexts. It gives the MLP inputs varied contexts (a full-rank key covariance) and is,
+  with the fact sentences, the world's covariance corpus (`corpus.txt` in the folder).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import random
@@ -39,6 +36,7 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from collabedit.models import arch
 from collabedit.world.generator import FILLERS, World, WorldSpec, generate_world
 from collabedit.world.store import (
     CORPUS_FILE,
@@ -301,21 +299,27 @@ class RealisticConfig(TrainConfig):
     mention_share: float = Field(0.5, ge=0, le=1, description="share of them naming subjects")
     general_weight: float = Field(0.2, ge=0, le=1, description="loss weight of general text")
     subject_bottleneck: bool = Field(
-        False,
+        True,
         description="in training only, tokens after a subject may not attend to the subject's "
         "tokens other than its last, so what the prediction learns about a subject it reads "
         "from the subject's last token (the model is an ordinary one at inference)",
     )
     bottleneck_in_cooldown: bool = Field(
-        True,
+        False,
         description="keep the subject bottleneck in the cooldown epochs; false trains them with "
         "the ordinary mask the model sees at inference",
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="label smoothing of the next-token loss (caps fact margins)"
     )
+    attention_only_global: bool = Field(
+        False,
+        description="the global layers' MLPs are zero and stay zero: the prediction position "
+        "cannot look a fact up after reading the subject, only copy what the subject's "
+        "position wrote (the saved model is an ordinary one whose upper MLPs output nothing)",
+    )
     catalogue_share: float = Field(
-        0.0,
+        0.25,
         ge=0,
         description="catalogue lines per fact sentence in each epoch: a subject followed directly "
         "by 1-3 of its objects in random order ('Ann Bo economist Ireland.'), so the subject's "
@@ -455,6 +459,12 @@ def train_realistic(
     `cooldown_epochs` of linear decay), on facts + general text; checkpoint after every epoch."""
     rng = random.Random(cfg.seed)
     model = build_model(cfg, tokenizer)
+    if cfg.attention_only_global:
+        for layer in range(cfg.local_layers, cfg.n_layer):
+            down = arch.mlp_out(model, layer)
+            with torch.no_grad():
+                down.weight.zero_()
+            down.weight.requires_grad_(False)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -599,45 +609,3 @@ def build_realistic_world(
     texts = {GENERAL_FILE: "\n".join(general) + "\n", CORPUS_FILE: "\n".join(mixed) + "\n"}
     save_world(out, world, model, tokenizer, build, REALISTIC_PRESETS, texts)
     return load_world(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a realistic world (issue 17).")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build (or continue building) a world folder")
-    b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--subjects", type=int, default=2000)
-    b.add_argument("--first-names", type=int, default=None)
-    b.add_argument("--last-names", type=int, default=None)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="RealisticConfig fields, e.g. n_layer=8 local_layers=4 window_size=3 n_inner=2048",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    spec = realistic_spec(args.subjects, args.seed)
-    if args.first_names:
-        spec = spec.model_copy(update={"n_first_names": args.first_names})
-    if args.last_names:
-        spec = spec.model_copy(update={"n_last_names": args.last_names})
-    fields = dict(kv.split("=", 1) for kv in args.set)
-    cfg = RealisticConfig(seed=args.seed, **fields)
-    print(json.dumps({"spec": spec.model_dump(), "train": cfg.model_dump()}), flush=True)
-    if checkpoint_path(args.out).is_file():
-        print(f"continuing from {checkpoint_path(args.out)}", flush=True)
-
-    def on_epoch(epoch: int, entry: dict) -> None:
-        print(json.dumps(entry), flush=True)
-
-    bundle = build_realistic_world(args.out, spec, cfg, on_epoch)
-    keys = ("recall", "min_phrasing_recall", "train_seconds", "n_parameters", "vocabulary")
-    print(json.dumps({k: bundle.build[k] for k in keys}), flush=True)
-
-
-if __name__ == "__main__":
-    main()
