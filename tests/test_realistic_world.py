@@ -161,3 +161,28 @@ def test_attention_only_global_layers_keep_zero_mlps_through_training():
     for layer in range(cfg.n_layer):
         weight = model.model.layers[layer].mlp.down_proj.weight
         assert bool((weight == 0).all()) == (layer >= cfg.local_layers), layer
+
+
+def test_world_measure_shows_the_shipped_worlds_flaws(tmp_path):
+    """`world measure` on the shipped world finds what issue 17 reports of it: keys that no
+    prefix changes (window 1), an update far larger than the weight, and `world info` shows it."""
+    import shutil
+
+    from collabedit.bench.world_check import measure_world
+    from collabedit.paths import DEFAULT_WORLD_DIR
+
+    shutil.copytree(DEFAULT_WORLD_DIR, tmp_path / "w")
+    bundle = load_world(tmp_path / "w")
+    result = measure_world(bundle, sizes=(8, 10_000), log=lambda m: None, trace_facts=4)
+    assert result["keys"]["layer1"]["prefix_subject_first"] < 1e-6
+    assert len(result["edits"]) == 1  # 10,000 edits: more than the world's subjects, skipped
+    edit = result["edits"][0]
+    assert edit["memit"]["ES"] >= 50
+    assert edit["memit"]["delta_over_W"]["1"] > 10
+    assert edit["sequential_vs_frozen"]["1"] < 1e-9  # one edited layer: the editors coincide
+    (tmp_path / "w" / "measurements.json").write_text(json.dumps(result))
+    shown = CliRunner().invoke(app, ["world", "info", "--path", str(tmp_path / "w"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output)
+    assert info["memit_8_edits"]["ES"] == round(edit["memit"]["ES"], 1)
+    assert info["covariance_full_rank"] is False

@@ -811,6 +811,9 @@ def world_info(
     if measure:
         r = measure_recall(b.model, b.tokenizer, b.world)
         info |= {"recall": r["recall"], "min_phrasing_recall": r["min_phrasing_recall"]}
+    measured = b.path / "measurements.json"
+    if measured.is_file():
+        info |= _measurement_summary(json.loads(measured.read_text()))
     if as_json:
         print(json.dumps(info, indent=1))
         return
@@ -818,6 +821,59 @@ def world_info(
     for k, v in info.items():
         table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
     out.print(table)
+
+
+def _measurement_summary(m: dict) -> dict:
+    """The lines of `world measure`'s results that `world info` shows."""
+    out: dict = {
+        "edited_layers": m["layers"],
+        "key_change_under_a_prefix": {
+            k: round(v["prefix_subject_first"], 3) for k, v in m["keys"].items()
+        },
+        "key_difference_shared_last_name": {
+            k: round(v["shared_last_name"], 3) if "shared_last_name" in v else None
+            for k, v in m["keys"].items()
+        },
+        "covariance_full_rank": all(
+            v["eig_above_1e-10"] == v["width"] for v in m["covariance"].values()
+        ),
+    }
+    for e in m["edits"]:
+        seq = e["memit"]
+        out[f"memit_{e['n']}_edits"] = {k: round(seq[k], 1) for k in ("ES", "PS", "NS", "RS")} | {
+            "max_delta_over_W": round(max(seq["delta_over_W"].values()), 2),
+            "sequential_vs_frozen": round(min(e["sequential_vs_frozen"].values()), 3),
+        }
+    return out
+
+
+@world_app.command("measure")
+def world_measure(
+    path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    edits: Annotated[
+        list[int] | None, typer.Option(help="Batch sizes to edit (repeatable; default 100).")
+    ] = None,
+    seed: int = 0,
+    json_out: JsonOpt = None,
+) -> None:
+    """Measure a world as a testbed: contextual keys, covariance rank, causal trace, MEMIT at
+    each batch size (efficacy, relation specificity, update size against the weight, sequential
+    against frozen). Writes measurements.json into the world folder; `world info` shows it."""
+    from collabedit.bench.world_check import MEASUREMENTS_FILE, measure_world
+    from collabedit.world.store import load_world
+
+    bundle = load_world(path)
+    result = measure_world(
+        bundle,
+        edits or [100],
+        seed=seed,
+        log=lambda m: console.print(m, style="dim", markup=False),
+    )
+    write_json(bundle.path / MEASUREMENTS_FILE, result)
+    for k, v in _measurement_summary(result).items():
+        out.print(f"{k}: {json.dumps(v)}", markup=False)
+    if json_out:
+        write_json(json_out, result)
 
 
 @world_app.command("build")
