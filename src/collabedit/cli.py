@@ -214,6 +214,9 @@ def demo(
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
     ] = None,
     fidelity: Annotated[bool, typer.Option(help="Also measure one-shot/layer-sync.")] = True,
+    world: Annotated[
+        Path | None, typer.Option(help="World folder (default: the shipped world).")
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Simulate collaborative editing on the embedded world (offline, CPU, minutes).
@@ -233,7 +236,7 @@ def demo(
         clients = layout[0] if clients is None else clients
         edits_per_client = layout[1] if edits_per_client is None else edits_per_client
         result = run_demo(
-            load_world(),
+            load_world(world),
             clients,
             edits_per_client,
             seed=seed,
@@ -242,9 +245,9 @@ def demo(
             fidelity=fidelity,
             log=lambda m: console.print(m, style="dim", markup=False),
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
-    setting = f"{clients} clients x {edits_per_client} edits on the embedded world, {editor}"
+    setting = f"{clients} clients x {edits_per_client} edits on the world, {editor}"
     forms = {
         "CounterFact-style": ["NS", "PS", "ES", "Score", "RS"],
         "zsRE-style": ["NA", "PA", "EA", "zsRE_Score", "zsRE_RS"],
