@@ -18,6 +18,9 @@ a rerun continues from):
   at inference, so recall does not suffer from the difference.
 * Catalogue lines ("Ann Bo economist Ireland."): the subject's last token has to predict its
   attributes, so the MLPs at the subject write them there (enrichment, as in LLMs).
+* The global layers' MLPs are zero (attention only): after reading the subject, the prediction
+  can only copy what the subject's position wrote, not look a fact up from the subject's
+  identity, so an edit of one fact need not rewrite who the subject is.
 * A general-text component: sentences that state no fact, some of them mentioning subjects in
   other contexts. It gives the MLP inputs varied contexts (a full-rank key covariance) and is,
   with the fact sentences, the world's covariance corpus (`corpus.txt` in the folder).
@@ -290,9 +293,11 @@ def general_vocabulary() -> list[str]:
 class RealisticConfig(TrainConfig):
     """TrainConfig with the realistic world's defaults and the general-text share."""
 
-    local_layers: int = Field(3, ge=0)
+    # four local layers: layer 0 composes the name, layers 1-3 write the facts at the subject (the
+    # edited layers), layers 4-6 read them (probe L in docs/realistic-world.md)
+    local_layers: int = Field(4, ge=0)
     window_size: int = Field(3, ge=1)
-    n_layer: int = Field(6, ge=1)
+    n_layer: int = Field(7, ge=1)
     general_share: float = Field(
         0.25, ge=0, description="general sentences per fact sentence in each epoch"
     )
@@ -313,13 +318,13 @@ class RealisticConfig(TrainConfig):
         0.0, ge=0, lt=1, description="label smoothing of the next-token loss (caps fact margins)"
     )
     attention_only_global: bool = Field(
-        False,
+        True,
         description="the global layers' MLPs are zero and stay zero: the prediction position "
         "cannot look a fact up after reading the subject, only copy what the subject's "
         "position wrote (the saved model is an ordinary one whose upper MLPs output nothing)",
     )
     catalogue_share: float = Field(
-        0.25,
+        0.5,
         ge=0,
         description="catalogue lines per fact sentence in each epoch: a subject followed directly "
         "by 1-3 of its objects in random order ('Ann Bo economist Ireland.'), so the subject's "

@@ -74,17 +74,21 @@ PRESETS: dict[str, MemitConfig] = {
         clamp_norm_factor=4.0,
     ),
     # A realistic world (`collabedit world build --recipe realistic`, docs/realistic-world.md):
-    # the MLPs of layers 1-3 write the facts at the subject's last token (causal trace), whose
-    # state after layer 3 is what the global layers read, hence z at 3. The z settings and
-    # lambda are the measured best trade-off on its probes (lambda 100: ES 90 / PS 88 at 50 edits).
+    # layer 0 composes the subject's name, the MLPs of layers 1-3 write its facts at its last
+    # token, and the global layers above only read them, hence z at 3. The KL term keeps the
+    # subject's own next-token distribution, which the world's catalogue lines make its list of
+    # attributes (MEMIT's "essence" prompt, pointed at what means essence there): it keeps the
+    # subject's other facts (RS). lambda and kl_factor: the measured trade-off on the probes.
     "world-realistic": MemitConfig(
         layers=[1, 2, 3],
-        mom2_update_weight=100.0,
+        mom2_update_weight=60.0,
         mom2_dataset="world",
         mom2_n_samples=100_000,
         v_num_grad_steps=100,
         v_lr=1.0,
         clamp_norm_factor=1.0,
+        kl_prompt="{}",
+        kl_factor=1.0,
     ),
 }
 
