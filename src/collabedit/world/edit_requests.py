@@ -69,7 +69,7 @@ def world_requests(
     if n > len(pool):
         raise ValueError(f"asked for {n} requests but the world has only {len(pool)} subjects")
     rng = random.Random(seed)
-    # relation prompts draw from their own stream, so adding them left every other draw as it was
+    # relation prompts draw from their own stream: the rest of the draw does not depend on them
     rel_rng = random.Random(f"relation prompts {seed}")
     chosen = rng.sample(pool, n)
     requests = []

@@ -613,4 +613,5 @@ def build_realistic_world(
     random.Random(spec.seed + 23).shuffle(mixed)
     texts = {GENERAL_FILE: "\n".join(general) + "\n", CORPUS_FILE: "\n".join(mixed) + "\n"}
     save_world(out, world, model, tokenizer, build, REALISTIC_PRESETS, texts)
+    checkpoint_path(out).unlink(missing_ok=True)
     return load_world(out)
