@@ -845,7 +845,7 @@ def _measurement_summary(m: dict) -> dict:
         seq = e["memit"]
         out[f"memit_{e['n']}_edits"] = {k: round(seq[k], 1) for k in ("ES", "PS", "NS", "RS")} | {
             "max_delta_over_W": round(max(seq["delta_over_W"].values()), 2),
-            "sequential_vs_frozen": round(min(e["sequential_vs_frozen"].values()), 3),
+            "sequential_vs_frozen": round(max(e["sequential_vs_frozen"].values()), 3),
         }
     return out
 
