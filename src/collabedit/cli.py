@@ -27,6 +27,7 @@ app = typer.Typer(
     help="Collaborative, non-destructive knowledge editing (CollabEdit) with registered editors.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
 )
 world_app = typer.Typer(
     help="The embedded fact world: build it, inspect it, draw requests.", no_args_is_help=True
