@@ -186,3 +186,23 @@ def test_world_measure_shows_the_shipped_worlds_flaws(tmp_path):
     info = json.loads(shown.output)
     assert info["memit_8_edits"]["ES"] == round(edit["memit"]["ES"], 1)
     assert info["covariance_full_rank"] is False
+    shown_change = info["memit_8_edits"]["max_output_change"]
+    assert shown_change == round(edit["memit"]["output_change"]["1"], 3)
+
+
+def test_output_change_is_the_rms_output_change_over_the_keys():
+    """output_change(Delta, W, E[k k^T]) = sqrt(mean ||Delta k||^2 / mean ||W k||^2), and a
+    delta on a direction no key uses changes nothing however large it is."""
+    from collabedit.bench.world_check import output_change
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    keys[:, 11] = 0  # a dead unit
+    delta = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    weight = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    c = keys.T @ keys / len(keys)
+    direct = ((keys @ delta.T).pow(2).sum(1).mean() / (keys @ weight.T).pow(2).sum(1).mean()).sqrt()
+    assert abs(output_change(delta, weight, 60 * c) - float(direct)) < 1e-12
+    on_dead_unit = delta.clone()
+    on_dead_unit[:, 11] += 1e6
+    assert abs(output_change(on_dead_unit, weight, c) - float(direct)) < 1e-12

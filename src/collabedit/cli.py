@@ -676,9 +676,21 @@ def server_merge(
         lock = state_lock(state_dir) if state_dir is not None else contextlib.nullcontext()
         with lock:
             _server_merge(
-                model, updates, out_dir, method, method_params, state_dir, beta1, editor,
-                preset_name, hparams, layers, json_out, overwrite, bounds,
-            )  # fmt: skip
+                model=model,
+                updates=updates,
+                out_dir=out_dir,
+                method=method,
+                method_params=method_params,
+                state_dir=state_dir,
+                beta1=beta1,
+                editor=editor,
+                preset_name=preset_name,
+                hparams=hparams,
+                layers=layers,
+                json_out=json_out,
+                overwrite=overwrite,
+                bounds=bounds,
+            )
     except (OutputError, StateBusyError, StaleStateError) as exc:
         raise _fail(str(exc)) from exc
     except PermissionError as exc:
@@ -686,9 +698,23 @@ def server_merge(
 
 
 def _server_merge(
-    model, updates, out_dir, method, method_params, state_dir, beta1, editor, preset_name,
-    hparams, layers, json_out, overwrite, bounds,
-) -> None:  # fmt: skip
+    *,
+    model: str,
+    updates: list[Path],
+    out_dir: Path,
+    method: str,
+    method_params: dict,
+    state_dir: Path | None,
+    beta1: float,
+    editor: str | None,
+    preset_name: str | None,
+    hparams: Path | None,
+    layers: str | None,
+    json_out: Path | None,
+    overwrite: bool,
+    bounds: bool,
+) -> None:
+    """The round itself, under the state lock `server_merge` holds."""
     from collabedit.collab.rounds import commit_round, open_state, server_round
     from collabedit.collab.state import STATE_FILE, load_state
 
@@ -848,6 +874,10 @@ def _measurement_summary(m: dict) -> dict:
             "max_delta_over_W": round(max(seq["delta_over_W"].values()), 2),
             "sequential_vs_frozen": round(max(e["sequential_vs_frozen"].values()), 3),
         }
+        if "output_change" in seq:  # measured since the realistic world's 1,000-edit runs
+            out[f"memit_{e['n']}_edits"]["max_output_change"] = round(
+                max(seq["output_change"].values()), 3
+            )
     return out
 
 

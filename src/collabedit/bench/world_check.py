@@ -108,19 +108,33 @@ def subject_trace(bundle: WorldBundle, n_facts: int = 40, seed: int = 1) -> dict
     return {k: trace[k] for k in ("hidden", "mlp", "clean", "corrupted", "n_facts")}
 
 
-def edit_measurements(bundle: WorldBundle, n: int, seed: int = 0, log: Log = print) -> dict:
-    """Global-Edit of `n` requests by the sequential and the frozen MEMIT (same z)."""
-    seq = Lab.open(bundle, editor="memit")
-    frozen = Lab.open(bundle, editor="memit-frozen")
+def output_change(
+    delta: torch.Tensor, weight: torch.Tensor, second_moment: torch.Tensor
+) -> float:
+    """||Delta k|| against ||W k|| in root mean square over the corpus keys k, whose second
+    moment E[k k^T] is `second_moment` (any positive multiple of it gives the same ratio):
+    sqrt(tr(Delta C Delta^T) / tr(W C W^T)). Unlike ||Delta||_F / ||W||_F it does not count
+    weight placed on directions the corpus never uses (near-dead units), which cost the model
+    nothing and can dominate the Frobenius norm. `delta`, `weight`: (d_out, d_in)."""
+    c = second_moment.double()
+
+    def size(m: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oi,ij,oj->", m.double(), c, m.double())
+
+    return float((size(delta) / size(weight)).sqrt())
+
+
+def edit_measurements(seq: Lab, frozen: Lab, n: int, seed: int = 0, log: Log = print) -> dict:
+    """Global-Edit of `n` requests by the sequential and the frozen MEMIT (`seq`, `frozen`: labs
+    of one world with those editors) from the same z."""
     requests = seq.requests(n, seed=seed)
     start = time.perf_counter()
     sessions = {"memit": seq.session(requests)}
     sessions["memit-frozen"] = frozen.setup.editor.session(
         frozen.model, frozen.tok, requests, frozen.cfg, reuse=sessions["memit"]
     )
-    w_norm = {
-        layer: float(arch.read_weight(seq.model, layer).double().norm()) for layer in seq.layers
-    }
+    weights = {layer: arch.read_weight(seq.model, layer) for layer in seq.layers}
+    w_norm = {layer: float(w.double().norm()) for layer, w in weights.items()}
     out: dict = {"n": n, "layers": seq.layers, "editor_config": seq.cfg.model_dump()}
     deltas = {}
     for name, lab in (("memit", seq), ("memit-frozen", frozen)):
@@ -132,7 +146,11 @@ def edit_measurements(bundle: WorldBundle, n: int, seed: int = 0, log: Log = pri
             "delta_over_W": {
                 str(layer): float(d.double().norm()) / w_norm[layer]
                 for layer, d in deltas[name].items()
-            }
+            },
+            "output_change": {
+                str(layer): output_change(d, weights[layer], lab.setup.regulariser[layer])
+                for layer, d in deltas[name].items()
+            },
         }
         log(f"[{n} edits] {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
     out["sequential_vs_frozen"] = {
@@ -153,7 +171,7 @@ def measure_world(
     log: Log = print,
     trace_facts: int = 40,
 ) -> dict:
-    lab = Lab.open(bundle, editor="memit")
+    lab, frozen = Lab.open(bundle, editor="memit"), Lab.open(bundle, editor="memit-frozen")
     layers = lab.layers
     result: dict = {"layers": layers, "recall": bundle.build.get("recall")}
     result["keys"] = key_contextuality(bundle, layers, seed=seed)
@@ -166,5 +184,5 @@ def measure_world(
         if n > len(lab.eval_subjects()):
             log(f"[{n} edits] skipped: the world has {len(lab.eval_subjects())} subjects")
             continue
-        result["edits"].append(edit_measurements(bundle, n, seed, log))
+        result["edits"].append(edit_measurements(lab, frozen, n, seed, log))
     return result
