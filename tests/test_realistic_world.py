@@ -206,3 +206,65 @@ def test_output_change_is_the_rms_output_change_over_the_keys():
     on_dead_unit = delta.clone()
     on_dead_unit[:, 11] += 1e6
     assert abs(output_change(on_dead_unit, weight, c) - float(direct)) < 1e-12
+
+
+def test_general_only_global_mlps_learn_from_general_text_alone():
+    """With global_mlps_general_only, a backward pass through rows of facts leaves the global
+    layers' MLPs without gradient while the local MLPs get it; general sentences reach both; the
+    flags mark exactly the general sentences' tokens."""
+    from pydantic import ValidationError
+
+    world, tok = _world_and_tokenizer(20)
+    with pytest.raises(ValidationError, match="attention_only_global"):
+        realistic.RealisticConfig(**(TINY | {"global_mlps_general_only": True}), n_inner=32)
+    flags = {"attention_only_global": False, "global_mlps_general_only": True}
+    # general text weighted 0.5, unlike any fact token (0.2 context, 1.0 object): the flags must
+    # mark exactly the tokens of that weight
+    cfg = realistic.RealisticConfig(**(TINY | flags), n_inner=32, general_weight=0.5)
+    rows, weights, _, general = realistic._rows(world, tok, cfg, random.Random(0))
+    assert float(general.sum()) > 0
+    assert torch.equal(general == 1, weights == 0.5)
+    facts_only = realistic._rows(
+        world, tok, cfg.model_copy(update={"general_share": 0.0}), random.Random(0)
+    )
+    assert float(facts_only[3].sum()) == 0
+    model = build_model(cfg, tok)
+    batch = {}
+    hooks = realistic._general_only_gradients(model, range(2, 3), batch)
+
+    def grads(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        model.zero_grad(set_to_none=False)
+        batch["mask"] = mask
+        model(input_ids=ids, labels=ids).loss.backward()
+        mlp = {i: model.model.layers[i].mlp for i in range(3)}
+        return {
+            f"{i}.{name}": float(getattr(m, name).weight.grad.abs().sum())
+            for i, m in mlp.items()
+            for name in ("gate_proj", "up_proj", "down_proj")
+        }
+
+    try:
+        fact_rows = facts_only[0][:4]
+        blocked = grads(fact_rows, torch.zeros(fact_rows.shape))
+        assert all(blocked[f"2.{n}"] == 0 for n in ("gate_proj", "up_proj", "down_proj"))
+        assert all(blocked[f"{i}.down_proj"] > 0 for i in (0, 1))
+        has_general = general.sum(1) > 0
+        open_ = grads(rows[has_general][:4], general[has_general][:4])
+        assert all(open_[f"2.{n}"] > 0 for n in ("gate_proj", "up_proj", "down_proj"))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_a_checkpoint_resumes_under_fields_added_since_with_their_defaults():
+    from collabedit.world.train import _same_config
+
+    cfg = realistic.RealisticConfig(**TINY, n_inner=32)
+    saved = cfg.model_dump()
+    older = {k: v for k, v in saved.items() if k != "global_mlps_general_only"}
+    assert _same_config(saved, cfg) and _same_config(older, cfg)
+    assert not _same_config(saved | {"n_inner": 64}, cfg)
+    assert not _same_config(saved | {"unknown_field": 1}, cfg)
+    flags = {"attention_only_global": False, "global_mlps_general_only": True}
+    changed = cfg.model_copy(update=flags)
+    assert not _same_config(older, changed)

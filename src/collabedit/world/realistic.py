@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from collabedit.models import arch
@@ -323,6 +323,13 @@ class RealisticConfig(TrainConfig):
         "cannot look a fact up after reading the subject, only copy what the subject's "
         "position wrote (the saved model is an ordinary one whose upper MLPs output nothing)",
     )
+    global_mlps_general_only: bool = Field(
+        False,
+        description="with attention_only_global false: the global layers' MLPs learn from general "
+        "text only (no gradient reaches them from fact, catalogue or context tokens), so they are "
+        "trained MLPs that store no facts; a last-token editor (MALMEN) has weights to edit "
+        "there while the facts are still written at the subject",
+    )
     catalogue_share: float = Field(
         0.5,
         ge=0,
@@ -331,6 +338,15 @@ class RealisticConfig(TrainConfig):
         "last token has to predict its attributes (enrichment at the subject, as in LLMs)",
     )
     recall_sample: int = Field(3000, ge=10)
+
+    @model_validator(mode="after")
+    def _global_mlps(self) -> RealisticConfig:
+        if self.attention_only_global and self.global_mlps_general_only:
+            raise ValueError(
+                "global_mlps_general_only needs attention_only_global=false (zero global MLPs "
+                "learn nothing)"
+            )
+        return self
 
 
 def realistic_spec(n_subjects: int, seed: int = 0) -> WorldSpec:
@@ -367,11 +383,12 @@ def _rows(
     tokenizer: PreTrainedTokenizerFast,
     cfg: RealisticConfig,
     rng: random.Random,
-) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]], torch.Tensor]:
     """One epoch: every fact in every phrasing once plus general text, packed into rows.
 
-    Returns token rows, per-token loss weights, and per row the (first, last) token positions of
-    every subject mention (for the training-time subject bottleneck)."""
+    Returns token rows, per-token loss weights, per row the (first, last) token positions of
+    every subject mention (for the training-time subject bottleneck), and per token 1.0 where it
+    belongs to a general sentence (for `global_mlps_general_only`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     items: list[tuple[str, str | None, list[str]]] = [
         (t.format(subj), obj, [subj])
@@ -400,14 +417,17 @@ def _rows(
     rows: list[list[int]] = []
     weights: list[list[float]] = []
     spans: list[list[tuple[int, int]]] = []
+    general: list[list[float]] = []
     row: list[int] = []
     wrow: list[float] = []
     srow: list[tuple[int, int]] = []
+    grow: list[float] = []
 
     def flush() -> None:
         rows.append(row + [pad] * (cfg.n_positions - len(row)))
         weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
         spans.append(srow)
+        general.append(grow + [0.0] * (cfg.n_positions - len(grow)))
 
     for (_, o, named), t_ids, o_ids in zip(items, text_ids, obj_ids, strict=True):
         if o is None:
@@ -420,7 +440,7 @@ def _rows(
             raise ValueError(f"sentence longer than n_positions={cfg.n_positions}")
         if len(row) + len(item) > cfg.n_positions:
             flush()
-            row, wrow, srow = [], [], []
+            row, wrow, srow, grow = [], [], [], []
         for subj in named:
             if subj not in subject_ids:
                 subject_ids[subj] = tokenizer(subj, add_special_tokens=False)["input_ids"]
@@ -428,9 +448,25 @@ def _rows(
             first = _find(t_ids, ids)
             srow.append((len(row) + first, len(row) + first + len(ids) - 1))
         row, wrow = row + item, wrow + w
+        grow = grow + [1.0 if o is None else 0.0] * len(item)
     if row:
         flush()
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights), spans
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights), spans, torch.tensor(general)
+
+
+def _general_only_gradients(
+    model: PreTrainedModel, layers: range, general: dict[str, torch.Tensor]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that let gradient into the MLPs of `layers` only at general-text positions:
+    `general["mask"]` (B, T) is read at each forward. The residual stream around the MLP still
+    carries every token's gradient to the layers below."""
+
+    def hook(module, inputs, output):
+        if output.requires_grad:
+            mask = general["mask"].unsqueeze(-1).to(output.dtype)
+            output.register_hook(lambda grad: grad * mask)
+
+    return [arch.mlp_out(model, layer).register_forward_hook(hook) for layer in layers]
 
 
 def bottleneck_masks(
@@ -490,15 +526,21 @@ def train_realistic(
         if saved["done"]:
             model.eval()
             return model, history
+    general_batch: dict[str, torch.Tensor] = {}
+    hooks = (
+        _general_only_gradients(model, range(cfg.local_layers, cfg.n_layer), general_batch)
+        if cfg.global_mlps_general_only
+        else []
+    )
     model.train()
     for epoch in range(first_epoch, cfg.max_epochs + 1):
         start = time.perf_counter()
         if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
             cooldown_left = cfg.max_epochs - epoch + 1
-        rows, weights, spans = _rows(world, tokenizer, cfg, rng)
+        rows, weights, spans, general = _rows(world, tokenizer, cfg, rng)
         shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
         order = torch.randperm(len(rows), generator=shuffle)
-        rows, weights = rows[order], weights[order]
+        rows, weights, general = rows[order], weights[order], general[order]
         spans = [spans[j] for j in order.tolist()]
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
         losses = []
@@ -519,6 +561,7 @@ def train_realistic(
                 )
             else:
                 mask = (batch != pad).long()
+            general_batch["mask"] = general[b : b + cfg.rows_per_batch]
             logits = model(input_ids=batch, attention_mask=mask).logits
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2),
@@ -573,6 +616,8 @@ def train_realistic(
             on_epoch(epoch, entry)
         if done:
             break
+    for handle in hooks:
+        handle.remove()
     model.eval()
     return model, history
 
