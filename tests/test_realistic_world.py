@@ -268,3 +268,22 @@ def test_a_checkpoint_resumes_under_fields_added_since_with_their_defaults():
     flags = {"attention_only_global": False, "global_mlps_general_only": True}
     changed = cfg.model_copy(update=flags)
     assert not _same_config(older, changed)
+
+
+def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
+    world, tok = _world_and_tokenizer(20)
+    with pytest.raises(ValueError, match="attention_only_global"):
+        realistic.RealisticConfig(**TINY, n_inner=32, global_mlp_lr_scale=0.1)
+    cfg = realistic.RealisticConfig(
+        **(TINY | {"attention_only_global": False}), n_inner=32, global_mlp_lr_scale=0.1
+    )
+    model = build_model(cfg, tok)
+    groups = realistic._optimizer(model, cfg).param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    slow = [g for g in groups if g.get("lr_scale") == 0.1]
+    assert len(slow) == 1
+    global_mlp = {id(p) for p in model.model.layers[2].mlp.parameters()}
+    assert {id(p) for p in slow[0]["params"]} == global_mlp
+    plain = realistic._optimizer(model, cfg.model_copy(update={"global_mlp_lr_scale": 1.0}))
+    assert len(plain.param_groups) == 2

@@ -330,6 +330,14 @@ class RealisticConfig(TrainConfig):
         "trained MLPs that store no facts; a last-token editor (MALMEN) has weights to edit "
         "there while the facts are still written at the subject",
     )
+    global_mlp_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="with attention_only_global false: the global layers' MLPs learn at this "
+        "share of the learning rate, so they are trained MLPs (a last-token editor such as MALMEN "
+        "has weights to edit) but slow to learn facts, which are then written at the subject",
+    )
     catalogue_share: float = Field(
         0.5,
         ge=0,
@@ -341,10 +349,12 @@ class RealisticConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _global_mlps(self) -> RealisticConfig:
-        if self.attention_only_global and self.global_mlps_general_only:
+        if self.attention_only_global and (
+            self.global_mlps_general_only or self.global_mlp_lr_scale != 1.0
+        ):
             raise ValueError(
-                "global_mlps_general_only needs attention_only_global=false (zero global MLPs "
-                "learn nothing)"
+                "global_mlps_general_only and global_mlp_lr_scale need "
+                "attention_only_global=false (zero global MLPs learn nothing)"
             )
         return self
 
@@ -488,6 +498,25 @@ def bottleneck_masks(
     return {"full_attention": full, "sliding_attention": sliding}
 
 
+def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; the global layers' MLPs in a group of their own
+    whose `lr_scale` the schedule multiplies in, when `global_mlp_lr_scale` is not 1."""
+    slow: list[torch.nn.Parameter] = []
+    if cfg.global_mlp_lr_scale != 1.0:
+        for layer in range(cfg.local_layers, cfg.n_layer):
+            slow.extend(arch.block(model, layer).mlp.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in slow)]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if slow:
+        groups.append(
+            {"params": slow, "weight_decay": cfg.weight_decay, "lr_scale": cfg.global_mlp_lr_scale}
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
 def train_realistic(
     world: World,
     tokenizer: PreTrainedTokenizerFast,
@@ -506,16 +535,7 @@ def train_realistic(
             with torch.no_grad():
                 down.weight.zero_()
             down.weight.requires_grad_(False)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = _optimizer(model, cfg)
     pad = tokenizer.pad_token_id
     history: list[dict] = []
     step, cooldown_left, first_epoch = 0, None, 1
@@ -553,7 +573,7 @@ def train_realistic(
             else:
                 scale = 1.0
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * scale
+                group["lr"] = cfg.lr * scale * group.get("lr_scale", 1.0)
             batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
             if cfg.subject_bottleneck and (cooldown_left is None or cfg.bottleneck_in_cooldown):
                 mask = bottleneck_masks(
