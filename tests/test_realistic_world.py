@@ -216,7 +216,10 @@ def test_general_only_global_mlps_learn_from_general_text_alone():
 
     world, tok = _world_and_tokenizer(20)
     with pytest.raises(ValidationError, match="attention_only_global"):
-        realistic.RealisticConfig(**(TINY | {"global_mlps_general_only": True}), n_inner=32)
+        realistic.RealisticConfig(
+            **(TINY | {"global_mlps_general_only": True, "attention_only_global": True}),
+            n_inner=32,
+        )
     flags = {"attention_only_global": False, "global_mlps_general_only": True}
     # general text weighted 0.5, unlike any fact token (0.2 context, 1.0 object): the flags must
     # mark exactly the tokens of that weight
@@ -265,18 +268,14 @@ def test_a_checkpoint_resumes_under_fields_added_since_with_their_defaults():
     assert _same_config(saved, cfg) and _same_config(older, cfg)
     assert not _same_config(saved | {"n_inner": 64}, cfg)
     assert not _same_config(saved | {"unknown_field": 1}, cfg)
-    flags = {"attention_only_global": False, "global_mlps_general_only": True}
-    changed = cfg.model_copy(update=flags)
+    changed = cfg.model_copy(update={"global_mlps_general_only": True})
     assert not _same_config(older, changed)
 
 
 def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
     world, tok = _world_and_tokenizer(20)
-    with pytest.raises(ValueError, match="attention_only_global"):
-        realistic.RealisticConfig(**TINY, n_inner=32, global_mlp_lr_scale=0.1)
-    cfg = realistic.RealisticConfig(
-        **(TINY | {"attention_only_global": False}), n_inner=32, global_mlp_lr_scale=0.1
-    )
+    cfg = realistic.RealisticConfig(**TINY, n_inner=32)
+    assert (cfg.attention_only_global, cfg.global_mlp_lr_scale) == (False, 0.1)  # the recipe
     model = build_model(cfg, tok)
     groups = realistic._optimizer(model, cfg).param_groups
     ids = [id(p) for g in groups for p in g["params"]]
@@ -287,3 +286,6 @@ def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
     assert {id(p) for p in slow[0]["params"]} == global_mlp
     plain = realistic._optimizer(model, cfg.model_copy(update={"global_mlp_lr_scale": 1.0}))
     assert len(plain.param_groups) == 2
+    # zero global MLPs learn nothing: no slow group, so their checkpoints keep two groups
+    zero = realistic._optimizer(model, cfg.model_copy(update={"attention_only_global": True}))
+    assert len(zero.param_groups) == 2

@@ -18,9 +18,12 @@ a rerun continues from):
   at inference, so recall does not suffer from the difference.
 * Catalogue lines ("Ann Bo economist Ireland."): the subject's last token has to predict its
   attributes, so the MLPs at the subject write them there (enrichment, as in LLMs).
-* The global layers' MLPs are zero (attention only): after reading the subject, the prediction
-  can only copy what the subject's position wrote, not look a fact up from the subject's
-  identity, so an edit of one fact need not rewrite who the subject is.
+* The global layers' MLPs learn at a tenth of the learning rate (`global_mlp_lr_scale`): the
+  local MLPs at the subject learn the facts first, so the prediction mostly copies what the
+  subject's position wrote instead of looking a fact up from the subject's identity, and an edit
+  of one fact need not rewrite who the subject is. They are still trained MLPs, which a
+  last-token editor (MALMEN) edits. `attention_only_global` makes them zero instead: MEMIT is as
+  good, MALMEN has nothing to edit.
 * A general-text component: sentences that state no fact, some of them mentioning subjects in
   other contexts. It gives the MLP inputs varied contexts (a full-rank key covariance) and is,
   with the fact sentences, the world's covariance corpus (`corpus.txt` in the folder).
@@ -318,7 +321,7 @@ class RealisticConfig(TrainConfig):
         0.0, ge=0, lt=1, description="label smoothing of the next-token loss (caps fact margins)"
     )
     attention_only_global: bool = Field(
-        True,
+        False,
         description="the global layers' MLPs are zero and stay zero: the prediction position "
         "cannot look a fact up after reading the subject, only copy what the subject's "
         "position wrote (the saved model is an ordinary one whose upper MLPs output nothing)",
@@ -331,12 +334,13 @@ class RealisticConfig(TrainConfig):
         "there while the facts are still written at the subject",
     )
     global_mlp_lr_scale: float = Field(
-        1.0,
+        0.1,
         gt=0,
         le=1,
-        description="with attention_only_global false: the global layers' MLPs learn at this "
-        "share of the learning rate, so they are trained MLPs (a last-token editor such as MALMEN "
-        "has weights to edit) but slow to learn facts, which are then written at the subject",
+        description="the global layers' MLPs learn at this share of the learning rate, so they "
+        "are trained MLPs (a last-token editor such as MALMEN has weights to edit) but slow to "
+        "learn facts, which the local MLPs then write at the subject (ignored with "
+        "attention_only_global)",
     )
     catalogue_share: float = Field(
         0.5,
@@ -349,12 +353,10 @@ class RealisticConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _global_mlps(self) -> RealisticConfig:
-        if self.attention_only_global and (
-            self.global_mlps_general_only or self.global_mlp_lr_scale != 1.0
-        ):
+        if self.attention_only_global and self.global_mlps_general_only:
             raise ValueError(
-                "global_mlps_general_only and global_mlp_lr_scale need "
-                "attention_only_global=false (zero global MLPs learn nothing)"
+                "global_mlps_general_only needs attention_only_global=false (zero global MLPs "
+                "learn nothing)"
             )
         return self
 
@@ -500,9 +502,10 @@ def bottleneck_masks(
 
 def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only; the global layers' MLPs in a group of their own
-    whose `lr_scale` the schedule multiplies in, when `global_mlp_lr_scale` is not 1."""
+    whose `lr_scale` the schedule multiplies in, when they learn and `global_mlp_lr_scale` is
+    not 1."""
     slow: list[torch.nn.Parameter] = []
-    if cfg.global_mlp_lr_scale != 1.0:
+    if cfg.global_mlp_lr_scale != 1.0 and not cfg.attention_only_global:
         for layer in range(cfg.local_layers, cfg.n_layer):
             slow.extend(arch.block(model, layer).mlp.parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in slow)]

@@ -75,7 +75,7 @@ PRESETS: dict[str, MemitConfig] = {
     ),
     # A realistic world (`collabedit world build --recipe realistic`, docs/realistic-world.md):
     # layer 0 composes the subject's name, the MLPs of layers 1-3 write its facts at its last
-    # token, and the global layers above only read them, hence z at 3. The KL term keeps the
+    # token, and the global layers above mostly read them, hence z at 3. The KL term keeps the
     # subject's own next-token distribution, which the world's catalogue lines make its list of
     # attributes (MEMIT's "essence" prompt, pointed at what means essence there): it keeps the
     # subject's other facts (RS). lambda and kl_factor: the measured trade-off on the probes.
