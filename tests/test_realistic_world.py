@@ -111,6 +111,8 @@ def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monk
     # the editors read the realistic preset the world declares
     cfg = get_editor("memit").default_config(bundle.model)
     assert cfg == get_editor("memit").preset("world-realistic")
+    malmen = get_editor("malmen").default_config(bundle.model)
+    assert malmen == get_editor("malmen").preset("world-realistic") and malmen.hypernet is None
     # covariance statistics read the corpus (facts mixed with general text), not only facts
     corpus = (tmp_path / "a" / "corpus.txt").read_text().splitlines()
     assert list(iter_corpus("world", model_dir=tmp_path / "a")) == corpus

@@ -59,6 +59,15 @@ PRESETS: dict[str, MalmenConfig] = {
         val_interval=25,
     ),
 }
+# A realistic world (`collabedit world build --recipe realistic`): the positions that predict the
+# answer see the subject only through the global layers 4-6, so those are edited. The world
+# preset's training settings; no hypernetwork ships with such a world: train one with
+# `collabedit malmen train` and name it with --hparams. On the 240-subject probe Q (120 training
+# subjects) validation reached ES 81 / GS 81 / LS 63 in 200 steps, 85 / 83 / 61 in 400
+# (docs/realistic-world.md).
+PRESETS["world-realistic"] = PRESETS["world"].model_copy(
+    update={"layers": [4, 5, 6], "hypernet": None}
+)
 PRESETS["gpt-j"] = PRESETS["gpt-j-6b"]
 
 
