@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -238,21 +238,10 @@ def _save_checkpoint(path: Path, model, opt, rng: random.Random, state: dict) ->
         torch.save(payload, tmp)
 
 
-def _same_config(saved: object, cfg: TrainConfig) -> bool:
-    """A checkpoint's config is `cfg`, fields added to the recipe since it was written taking
-    their defaults (which keep the recipe's earlier behaviour)."""
-    if not isinstance(saved, dict):
-        return False
-    try:
-        return type(cfg)(**saved) == cfg
-    except ValidationError:
-        return False
-
-
 def _load_checkpoint(path: Path, model, opt, rng: random.Random, cfg: TrainConfig) -> dict:
     payload = torch.load(path, weights_only=True)  # plain tensors and numbers only
     state = json.loads(payload["state"])
-    if not _same_config(state.get("config"), cfg):
+    if state.get("config") != cfg.model_dump():
         raise ValueError(f"{path}: checkpoint of another training config; delete it to restart")
     model.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
