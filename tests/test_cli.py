@@ -83,6 +83,19 @@ def test_world_requests_rejects_too_many(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_demo_reads_the_editor_config_it_is_given(tmp_path):
+    """--hparams reaches the editor's config before any edit: a missing file is named, and a
+    file whose layers the world lacks is refused with those layers (the shipped world has 6)."""
+    out = tmp_path / "demo.json"
+    missing = run("demo", "--hparams", tmp_path / "none.yaml", "--json", out)
+    assert missing.exit_code == 1 and "none.yaml" in missing.output
+    y = tmp_path / "memit.yaml"
+    y.write_text("alg_name: MEMIT\nlayers: [40]\nmom2_update_weight: 12345\n")
+    wrong = run("demo", "--hparams", y, "--json", out)
+    assert wrong.exit_code == 1 and "40" in wrong.output
+    assert not out.exists()
+
+
 def test_demo_collabedit_matches_global_and_baselines_do_not(tmp_path):
     """Table 1 on the world: CollabEdit equals Global-Edit, the baselines lose edits. At 20
     edits Task-Arithmetic is close to Global-Edit (each client's solve misses little of the

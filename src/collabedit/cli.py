@@ -210,6 +210,8 @@ def demo(
     ] = None,
     seed: int = 0,
     editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
+    preset_name: PresetOpt = None,
+    hparams: HparamsOpt = None,
     params: Annotated[
         list[str] | None,
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
@@ -225,21 +227,30 @@ def demo(
     N clients edit their private requests; the server merges with CollabEdit and the destructive
     baselines; prints the paper's Table 1 layout (Table 3 with --editor malmen, on subjects
     its hypernetwork was not trained on), plus relation specificity (RS: how many of the edited
-    subjects' other facts survive), and the merge fidelity against Global-Edit.
+    subjects' other facts survive), and the merge fidelity against Global-Edit. The editor's
+    config is the world's preset unless --preset or --hparams names another (a MALMEN
+    hypernetwork trained for a world built here, for instance).
     """
     from collabedit.bench.demo import method_rows, run_demo
-    from collabedit.editors import get_editor
+    from collabedit.editors import get_editor, make_config
     from collabedit.world.store import load_world
 
     method_params = _method_params(params)
     try:
-        layout = get_editor(editor).demo_layout
-        clients = layout[0] if clients is None else clients
-        edits_per_client = layout[1] if edits_per_client is None else edits_per_client
+        chosen = get_editor(editor)
+        clients = chosen.demo_layout[0] if clients is None else clients
+        edits_per_client = chosen.demo_layout[1] if edits_per_client is None else edits_per_client
+        bundle = load_world(world)
+        cfg = (
+            make_config(chosen, bundle.model, preset_name, hparams)
+            if preset_name or hparams
+            else None
+        )
         result = run_demo(
-            load_world(world),
+            bundle,
             clients,
             edits_per_client,
+            cfg=cfg,
             seed=seed,
             editor=editor,
             method_params=method_params,
