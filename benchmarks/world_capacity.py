@@ -7,8 +7,9 @@ and update size against the number of edits, for editors, lambdas and edited lay
 Each `--run EDITOR:LAMBDA:LAYERS` is measured at every `--n` on the same requests (CounterFact
 form, distinct subjects, `--seed`), from z optimised once per size at the world preset's z layer
 (the last of the preset's layers; every run's layers must end there so that z is shared). Reports
-ES / PS / NS / Score / RS, ||Delta||_F / ||W||_F per layer and the output change on the corpus
-(bench/world_check.py: output_change), and seconds per run. docs/realistic-world.md (session 6)
+ES / PS / NS / Score / RS, ||Delta||_F / ||W||_F per layer, the output change on the corpus and
+the share of ||Delta||^2 in the 1% least-used key directions (bench/world_check.py), and seconds
+per run. docs/realistic-world.md (session 6)
 has the numbers on world-1200l.
 """
 
@@ -35,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from collabedit.bench.lab import CF_KEYS, Lab
-    from collabedit.bench.world_check import output_change
+    from collabedit.bench.world_check import low_variance_share, output_change
     from collabedit.collab.protocol import apply_deltas
     from collabedit.models import arch
     from collabedit.world.store import load_world
@@ -76,6 +77,10 @@ def main() -> None:
                 },
                 "output_change": {
                     str(la): round(output_change(d, weights[la], lab.setup.regulariser[la]), 4)
+                    for la, d in deltas.items()
+                },
+                "low_variance_share": {
+                    str(la): round(low_variance_share(d, lab.setup.regulariser[la]), 3)
                     for la, d in deltas.items()
                 },
                 "z_seconds": z_seconds,

@@ -195,7 +195,7 @@ def test_world_measure_shows_the_shipped_worlds_flaws(tmp_path):
 def test_output_change_is_the_rms_output_change_over_the_keys():
     """output_change(Delta, W, E[k k^T]) = sqrt(mean ||Delta k||^2 / mean ||W k||^2), and a
     delta on a direction no key uses changes nothing however large it is."""
-    from collabedit.bench.world_check import output_change
+    from collabedit.bench.world_check import low_variance_share, output_change
 
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(500, 12, generator=g, dtype=torch.float64)
@@ -208,6 +208,10 @@ def test_output_change_is_the_rms_output_change_over_the_keys():
     on_dead_unit = delta.clone()
     on_dead_unit[:, 11] += 1e6
     assert abs(output_change(on_dead_unit, weight, c) - float(direct)) < 1e-12
+    # the dead unit is the covariance's least-variance direction: its share of ||Delta||^2
+    dead = float(delta[:, 11].pow(2).sum() / delta.pow(2).sum())
+    assert abs(low_variance_share(delta, c, share=0.05) - dead) < 1e-12
+    assert low_variance_share(on_dead_unit, c, share=0.05) > 1 - 1e-9
 
 
 def test_general_only_global_mlps_learn_from_general_text_alone():

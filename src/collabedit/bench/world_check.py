@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -122,6 +123,17 @@ def output_change(
         return torch.einsum("oi,ij,oj->", m.double(), c, m.double())
 
     return float((size(delta) / size(weight)).sqrt())
+
+
+def low_variance_share(
+    delta: torch.Tensor, second_moment: torch.Tensor, share: float = 0.01
+) -> float:
+    """Share of ||Delta||_F^2 in the ceil(share * d_in) directions of least corpus variance
+    (eigenvectors of E[k k^T]): near 1 when the update's size is weight on near-dead units."""
+    _, vectors = torch.linalg.eigh(second_moment.double())  # ascending eigenvalues
+    energy = (delta.double() @ vectors).pow(2).sum(0)
+    k = math.ceil(share * len(energy))
+    return float(energy[:k].sum() / energy.sum())
 
 
 def edit_measurements(seq: Lab, frozen: Lab, n: int, seed: int = 0, log: Log = print) -> dict:
