@@ -35,16 +35,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from collabedit.bench.lab import CF_KEYS, Lab
-    from collabedit.bench.world_check import low_variance_share, output_change
-    from collabedit.collab.protocol import apply_deltas
-    from collabedit.models import arch
+    from collabedit.bench.lab import Lab
+    from collabedit.bench.world_check import score_global_edit
     from collabedit.world.store import load_world
 
     bundle = load_world(args.world)
     base = Lab.open(bundle, editor="memit")
     runs = args.run or [("memit", base.cfg.mom2_update_weight, base.layers)]
-    weights = {}
     rows = []
     for n in args.n:
         requests = base.requests(n, seed=args.seed)
@@ -59,30 +56,13 @@ def main() -> None:
             session = lab.setup.editor.session(
                 lab.model, lab.tok, requests, lab.cfg, reuse=z_session
             )
-            deltas = lab.global_deltas(session)
-            for layer in deltas:
-                weights.setdefault(layer, arch.read_weight(lab.model, layer))
-            apply_deltas(lab.model, deltas)
-            scores = lab.score(requests, CF_KEYS)
-            lab.reset()
+            measured = score_global_edit(lab, lab.global_deltas(session), requests)
             row = {
                 "n": n,
                 "editor": editor,
                 "lambda": lam,
                 "layers": layers,
-                **{k: round(v, 2) for k, v in scores.items()},
-                "delta_over_W": {
-                    str(la): round(float(d.double().norm() / weights[la].double().norm()), 3)
-                    for la, d in deltas.items()
-                },
-                "output_change": {
-                    str(la): round(output_change(d, weights[la], lab.setup.regulariser[la]), 4)
-                    for la, d in deltas.items()
-                },
-                "low_variance_share": {
-                    str(la): round(low_variance_share(d, lab.setup.regulariser[la]), 3)
-                    for la, d in deltas.items()
-                },
+                **measured,
                 "z_seconds": z_seconds,
                 "seconds": round(time.perf_counter() - t0, 1),
             }

@@ -136,6 +136,31 @@ def low_variance_share(
     return float(energy[:k].sum() / energy.sum())
 
 
+def score_global_edit(lab: Lab, deltas: dict[int, torch.Tensor], requests) -> dict:
+    """The lab's model scored (CounterFact keys and RS) with `deltas` applied, then the update's
+    size per layer against the weight it changes: ||Delta||_F / ||W||_F, output_change and
+    low_variance_share. The model is back to its base afterwards."""
+    weights = {layer: arch.read_weight(lab.model, layer) for layer in deltas}
+    apply_deltas(lab.model, deltas)
+    try:
+        scores = lab.score(requests, CF_KEYS)
+    finally:
+        lab.reset()
+    a0 = lab.setup.regulariser
+    return scores | {
+        "delta_over_W": {
+            str(la): float(d.double().norm() / weights[la].double().norm())
+            for la, d in deltas.items()
+        },
+        "output_change": {
+            str(la): output_change(d, weights[la], a0[la]) for la, d in deltas.items()
+        },
+        "low_variance_share": {
+            str(la): low_variance_share(d, a0[la]) for la, d in deltas.items()
+        },
+    }
+
+
 def edit_measurements(seq: Lab, frozen: Lab, n: int, seed: int = 0, log: Log = print) -> dict:
     """Global-Edit of `n` requests by the sequential and the frozen MEMIT (`seq`, `frozen`: labs
     of one world with those editors) from the same z."""
@@ -145,25 +170,12 @@ def edit_measurements(seq: Lab, frozen: Lab, n: int, seed: int = 0, log: Log = p
     sessions["memit-frozen"] = frozen.setup.editor.session(
         frozen.model, frozen.tok, requests, frozen.cfg, reuse=sessions["memit"]
     )
-    weights = {layer: arch.read_weight(seq.model, layer) for layer in seq.layers}
-    w_norm = {layer: float(w.double().norm()) for layer, w in weights.items()}
     out: dict = {"n": n, "layers": seq.layers, "editor_config": seq.cfg.model_dump()}
     deltas = {}
     for name, lab in (("memit", seq), ("memit-frozen", frozen)):
         deltas[name] = lab.global_deltas(sessions[name])
-        apply_deltas(lab.model, deltas[name])
-        scores = lab.score(requests, CF_KEYS)
-        lab.reset()
-        out[name] = scores | {
-            "delta_over_W": {
-                str(layer): float(d.double().norm()) / w_norm[layer]
-                for layer, d in deltas[name].items()
-            },
-            "output_change": {
-                str(layer): output_change(d, weights[layer], lab.setup.regulariser[layer])
-                for layer, d in deltas[name].items()
-            },
-        }
+        out[name] = score_global_edit(lab, deltas[name], requests)
+        scores = {k: out[name][k] for k in CF_KEYS if k in out[name]}
         log(f"[{n} edits] {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
     out["sequential_vs_frozen"] = {
         str(layer): float(

@@ -508,7 +508,8 @@ def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.Adam
     if cfg.global_mlp_lr_scale != 1.0 and not cfg.attention_only_global:
         for layer in range(cfg.local_layers, cfg.n_layer):
             slow.extend(arch.block(model, layer).mlp.parameters())
-    rest = [p for p in model.parameters() if all(p is not q for q in slow)]
+    slow_ids = {id(p) for p in slow}
+    rest = [p for p in model.parameters() if id(p) not in slow_ids]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
