@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalL
 from collabedit.collab.protocol import merge_updates, relative_gap
 from collabedit.collab.rounds import client_round
 from collabedit.collab.setup import EditingSetup
-from collabedit.editors import closed_form_edit, get_editor
+from collabedit.editors import closed_form_edit, get_editor, make_config
 from collabedit.editors.malmen import PRESETS, HypernetError, MalmenConfig, MalmenNets
 from collabedit.editors.malmen.compute import answer_logits, encode, per_pair_nll, token_rows
 from collabedit.editors.malmen.hypernet import HypernetInfo
@@ -247,6 +247,23 @@ def test_a_hypernetwork_is_refused_for_another_model_or_other_layers(tok, tmp_pa
     setup = EditingSetup.open((model, tok), "malmen", overrides={"hypernet": folder})
     assert setup.layers == [1, 2]
     assert get_editor("malmen").trained_subjects(setup.cfg) == frozenset()
+
+
+def test_a_model_folder_that_carries_a_hypernetwork_edits_with_it(tok, tmp_path):
+    """A config naming no hypernetwork takes the model folder's `malmen/` (how the worlds ship
+    theirs); one the config names wins; a folder without one leaves it unset."""
+    model = _gpt2(len(tok))
+    model.save_pretrained(tmp_path / "m")
+    carried = _save(_random_nets(model, [1, 2]), model, tmp_path / "m" / "malmen")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    setup = EditingSetup.open((loaded, tok), "malmen")
+    assert (setup.cfg.hypernet, setup.layers) == (carried, [1, 2])
+    named = _save(_random_nets(model, [2, 3], seed=1), model, tmp_path / "h")
+    setup = EditingSetup.open((loaded, tok), "malmen", overrides={"hypernet": named})
+    assert (setup.cfg.hypernet, setup.layers) == (named, [2, 3])
+    model.save_pretrained(tmp_path / "bare")
+    bare = GPT2LMHeadModel.from_pretrained(tmp_path / "bare").eval()
+    assert make_config(get_editor("malmen"), bare).hypernet is None
 
 
 def test_training_resumes_from_its_checkpoint_to_the_same_network(tok, tmp_path):

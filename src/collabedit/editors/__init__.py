@@ -104,7 +104,8 @@ def make_config(
     overrides: dict | None = None,
 ) -> EditorConfig:
     """A preset (or the model's default), then a hyper-parameter file, then `overrides` and
-    `layers`; validated against the model. Raises ValueError with the reason."""
+    `layers`, then what the model's folder provides; validated against the model. Raises
+    ValueError with the reason."""
     cfg = editor.preset(preset) if preset else editor.default_config(model)
     if hparams:
         cfg = editor.read_hparams(Path(hparams), cfg)
@@ -113,6 +114,7 @@ def make_config(
         update["layers"] = list(layers)
     if update:
         cfg = editor.config_type(**(cfg.model_dump() | update))
+    cfg = editor.fill_from_model(model, cfg)
     return cfg.model_copy(update={"layers": editor.layers(model, cfg)})
 
 

@@ -152,6 +152,11 @@ class Editor(ABC):
             return self.preset(name)
         return self.config_type()
 
+    def fill_from_model(self, model: PreTrainedModel, cfg: EditorConfig) -> EditorConfig:
+        """The config with what it leaves open and the model's folder provides (a learned part
+        shipped beside the weights); by default the config as it is."""
+        return cfg
+
     def preset(self, name: str) -> EditorConfig:
         if name not in self.presets:
             known = ", ".join(self.presets) or "none"

@@ -13,7 +13,6 @@ import yaml
 from pydantic import Field
 
 from collabedit.editors.base import EditorConfig
-from collabedit.paths import DEFAULT_WORLD_DIR
 
 
 class MalmenConfig(EditorConfig):
@@ -45,10 +44,10 @@ PRESETS: dict[str, MalmenConfig] = {
     # (200): rank 256, Adam at 3e-4, and validation every 25 steps, because the network fits
     # its training subjects within ~100 steps and held-out ES falls after (the best is kept).
     # loc_coef 0.1 instead of 1: on the world, 1 keeps held-out EA at 83 (0.25: 89, 0.1: 93),
-    # at a cost in NA (82, 74, 62); docs/benchmarks.md has the sweep.
+    # at a cost in NA (82, 74, 62); docs/benchmarks.md has the sweep. The hypernetwork is the
+    # one the world's folder carries (`malmen/`, found by the editor).
     "world": MalmenConfig(
         layers=[2, 3, 4, 5],
-        hypernet=str(DEFAULT_WORLD_DIR / "malmen"),
         rank=256,
         lr=1e-3,
         meta_lr=3e-4,
@@ -61,13 +60,11 @@ PRESETS: dict[str, MalmenConfig] = {
 }
 # A realistic world (`collabedit world build --recipe realistic`): the positions that predict the
 # answer see the subject only through the global layers 4-6, so those are edited. The world
-# preset's training settings; no hypernetwork ships with such a world: train one with
-# `collabedit malmen train` and name it with --hparams. On the 240-subject probe Q (120 training
-# subjects) validation reached ES 81 / GS 81 / LS 63 in 200 steps, 85 / 83 / 61 in 400
-# (docs/realistic-world.md).
-PRESETS["world-realistic"] = PRESETS["world"].model_copy(
-    update={"layers": [4, 5, 6], "hypernet": None}
-)
+# preset's training settings. A world built here carries no hypernetwork: train one with
+# `collabedit malmen train` and name it with --hparams, or save it as the world folder's
+# `malmen/`. On the 240-subject probe Q (120 training subjects) validation reached ES 81 / GS 81
+# / LS 63 in 200 steps, 85 / 83 / 61 in 400 (docs/realistic-world.md).
+PRESETS["world-realistic"] = PRESETS["world"].model_copy(update={"layers": [4, 5, 6]})
 PRESETS["gpt-j"] = PRESETS["gpt-j-6b"]
 
 

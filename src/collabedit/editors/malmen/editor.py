@@ -21,6 +21,7 @@ from collabedit.editors.base import Editor, EditorConfig, EditSession, LayerInpu
 from collabedit.editors.malmen.compute import encode, token_rows
 from collabedit.editors.malmen.config import PRESETS, MalmenConfig, from_easyedit_yaml
 from collabedit.editors.malmen.hypernet import (
+    INFO_FILE,
     HypernetError,
     HypernetInfo,
     MalmenNets,
@@ -30,6 +31,9 @@ from collabedit.editors.malmen.hypernet import (
 )
 from collabedit.models import arch
 from collabedit.requests import EditRequest
+
+# a model folder's own hypernetwork (the shipped world carries one), used when a config names none
+CARRIED_HYPERNET = "malmen"
 
 
 def require_hypernet(cfg: MalmenConfig) -> tuple[MalmenNets, HypernetInfo]:
@@ -154,6 +158,16 @@ class Malmen(Editor):
             info = read_info(path)[0]
             return base.model_copy(update={"hypernet": str(path), "layers": info.layers})
         return from_easyedit_yaml(path, base)
+
+    def fill_from_model(self, model: PreTrainedModel, cfg: EditorConfig) -> EditorConfig:
+        """A config that names no hypernetwork uses the one in the model folder's `malmen/`."""
+        source = str(getattr(model.config, "_name_or_path", "") or "")
+        if getattr(cfg, "hypernet", None) or not source or not Path(source).is_dir():
+            return cfg
+        carried = Path(source) / CARRIED_HYPERNET
+        if not (carried / INFO_FILE).is_file():
+            return cfg
+        return cfg.model_copy(update={"hypernet": str(carried)})
 
     def layers(self, model: PreTrainedModel, cfg: EditorConfig) -> list[int]:
         """The config's layers, else the hypernetwork's, else the last six (as published)."""
