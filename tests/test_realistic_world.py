@@ -282,3 +282,42 @@ def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
     # zero global MLPs learn nothing: no slow group, so their checkpoints keep two groups
     zero = realistic._optimizer(model, cfg.model_copy(update={"attention_only_global": True}))
     assert len(zero.param_groups) == 2
+
+
+def test_a_world_carries_its_statistics_and_edited_copies_keep_its_corpus(tmp_path, monkeypatch):
+    """`collabedit stats --carry` writes C into the world's folder, where a later load finds it
+    with an empty cache (float32: equal to the collected C to float32 rounding) and only for the
+    same corpus and sample count; an edited copy saved from the world keeps its corpus.txt, so
+    its statistics read the same text. --carry refuses what is not a local folder, up front."""
+    from collabedit import stats
+    from collabedit.models.loading import load_model, save_model
+
+    runner = CliRunner()
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    world = tmp_path / "w"
+    built = runner.invoke(app, ["world", "build", "--recipe", "realistic", "--subjects", "24",
+                                "--out", str(world), "--max-epochs", "1", *sets])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    args = ["stats", "--model", str(world), "--layers", "0,1", "--samples", "200"]
+    carried = runner.invoke(app, [*args, "--cache", str(tmp_path / "c1"), "--carry"])
+    assert carried.exit_code == 0, carried.output
+    assert len(list((world / stats.CARRIED_DIR).rglob("*.safetensors"))) == 2
+    model, tok = load_model(world)
+    fresh = stats.layer_stats(model, tok, [0, 1], "world", 200, cache_dir=tmp_path / "c1")
+
+    def no_collection(*a, **k):
+        raise AssertionError("collected although the folder carries the statistics")
+
+    monkeypatch.setattr(stats, "collect_stats", no_collection)
+    monkeypatch.setattr(stats, "_MEMO", {})
+    found = stats.layer_stats(model, tok, [0, 1], "world", 200, cache_dir=tmp_path / "c2")
+    for layer in (0, 1):
+        a, b = found[layer].mom2, fresh[layer].mom2
+        assert a.dtype == torch.float64 and float((a - b).norm() / b.norm()) < 1e-6
+        assert found[layer].count == fresh[layer].count
+    with pytest.raises(AssertionError, match="collected although"):
+        stats.layer_stats(model, tok, [0], "world", 300, cache_dir=tmp_path / "c2")
+    save_model(model, tok, tmp_path / "edited", source=world)
+    assert (tmp_path / "edited" / "corpus.txt").read_bytes() == (world / "corpus.txt").read_bytes()
+    refused = runner.invoke(app, ["stats", "--model", "gpt2-xl", "--carry"])
+    assert refused.exit_code == 1 and "local model folder" in refused.output

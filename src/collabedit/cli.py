@@ -370,13 +370,23 @@ def stats(
         str, typer.Option(help="Editor whose preset picks the defaults.")
     ] = DEFAULT_SINGLE_EDITOR,
     cache: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
+    carry: Annotated[
+        bool,
+        typer.Option(
+            help="Also write them into the model's folder (stats/, float32), where every later "
+            "load of that folder finds them (a local folder only)."
+        ),
+    ] = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Collect (or reuse) covariance statistics C = E(k k^T) of the edited layers."""
     from collabedit.editors import get_editor, make_config
-    from collabedit.models.loading import load_model
-    from collabedit.stats import layer_stats
+    from collabedit.models.loading import load_model, resolve_model_path
+    from collabedit.stats import carry_stats, layer_stats
 
+    folder = Path(resolve_model_path(model))
+    if carry and not (folder / "config.json").is_file():
+        raise _fail(f"--carry writes into a local model folder; {model} is not one")
     lm, tok = load_model(model)
     try:
         cfg = make_config(get_editor(editor), lm, layers=_layers_opt(layers))
@@ -409,6 +419,9 @@ def stats(
     for layer, r in rows.items():
         table.add_row(layer, f"{r['count']:,}", f"{r['trace']:.3g}")
     out.print(table)
+    if carry:
+        for path in carry_stats(folder, result, corpus, samples):
+            out.print(f"carried: {path}")
     if json_out:
         write_json(json_out, {"model": model, "layers": rows})
 

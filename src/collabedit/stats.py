@@ -162,6 +162,35 @@ def _cache_file(cache_dir: Path, model_fp: str, layer: int, corpus: str, samples
     return cache_dir / model_fp / f"layer{layer}-{safe_corpus}-{samples}.safetensors"
 
 
+# A model folder's own statistics, laid out as the cache (read-only): the shipped worlds carry
+# their editors' C so that a first demo does not spend minutes collecting it.
+CARRIED_DIR = "stats"
+
+
+def _carried_file(
+    model: PreTrainedModel, model_fp: str, layer: int, corpus: str, samples: int
+) -> Path | None:
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    if not source or not Path(source).is_dir():
+        return None
+    return _cache_file(Path(source) / CARRIED_DIR, model_fp, layer, corpus, samples)
+
+
+def carry_stats(
+    folder: Path, stats: dict[int, LayerStats], corpus: str, samples: int
+) -> list[Path]:
+    """Write `stats` into a model folder (float32, half the size of the cache's float64; C then
+    differs from a fresh collection by float32 rounding, ~6e-8 relative)."""
+    paths = []
+    for layer, st in stats.items():
+        fp = st.meta["model_fingerprint"]
+        path = _cache_file(Path(folder) / CARRIED_DIR, fp, layer, corpus, samples)
+        stored = LayerStats(layer, st.mom2.float(), st.count, st.meta | {"dtype": "float32"})
+        save_stats(path, stored)
+        paths.append(path)
+    return paths
+
+
 def save_stats(path: Path, stats: LayerStats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: json.dumps(v) for k, v in stats.meta.items()} | {
@@ -184,7 +213,7 @@ def load_stats(path: Path, expect_fingerprint: str | None = None) -> LayerStats:
             f"{path}: statistics belong to model {info.get('model_fingerprint')}, "
             f"not to this model ({expect_fingerprint})"
         )
-    return LayerStats(int(meta["layer"]), mom2, int(meta["count"]), info)
+    return LayerStats(int(meta["layer"]), mom2.double(), int(meta["count"]), info)
 
 
 # Statistics already read in this process, by cache file: a federation or an experiment asks for
@@ -207,7 +236,8 @@ def layer_stats(
     progress: Callable[[int, int], None] | None = None,
     fingerprint: str | None = None,
 ) -> dict[int, LayerStats]:
-    """Cached statistics for `layers`; collects (one pass for all missing layers) when absent.
+    """Cached statistics for `layers` (the cache, else those the model's folder carries);
+    collects (one pass for all missing layers) when absent.
 
     `fingerprint`: the whole-model fingerprint of the base model whose statistics are wanted
     (a federation's round-0 model), when `model` is a later, edited version of it. They are
@@ -219,10 +249,12 @@ def layer_stats(
     missing = []
     for layer in layers:
         path = _cache_file(cache_dir, fp, layer, corpus, samples)
+        carried = _carried_file(model, fp, layer, corpus, samples)
+        found = next((p for p in (path, carried) if p is not None and p.is_file()), None)
         if path in _MEMO:
             result[layer] = _MEMO[path]
-        elif path.is_file():
-            result[layer] = _MEMO[path] = load_stats(path, expect_fingerprint=fp)
+        elif found is not None:
+            result[layer] = _MEMO[path] = load_stats(found, expect_fingerprint=fp)
         else:
             missing.append(layer)
     if missing and fp != own:

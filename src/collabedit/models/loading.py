@@ -126,9 +126,10 @@ def save_model(
     overwrite: bool = False,
     verify: Sequence[str] = (),
 ) -> Path:
-    """save_pretrained (safetensors) and the tokenizer; the JSON files of the `source` folder
-    that save_pretrained does not write (a world's world.json and build.json, say) come along,
-    so the saved model is the same kind of folder as the one it was loaded from.
+    """save_pretrained (safetensors) and the tokenizer; the JSON and text files of the `source`
+    folder that save_pretrained does not write (a world's world.json, build.json and corpus.txt,
+    say) come along, so the saved model is the same kind of folder as the one it was loaded
+    from (and a world's statistics are read from the same text).
 
     Written into a temporary folder beside `out_dir`, checked (config present; the parameters
     named in `verify` read back bit for bit), then renamed into place: a crash or a failed
@@ -142,7 +143,7 @@ def save_model(
         written = {f.name for f in tmp.iterdir()}
         src = _local(source)
         if src is not None and src.is_dir():
-            for f in sorted(src.glob("*.json")):
+            for f in sorted([*src.glob("*.json"), *src.glob("*.txt")]):
                 if f.name not in written:
                     shutil.copy(f, tmp / f.name)
         if not (tmp / "config.json").is_file():
