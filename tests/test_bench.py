@@ -1,4 +1,5 @@
-"""The paper's experiments (`collabedit bench`), small settings on the shipped world."""
+"""The paper's experiments (`collabedit bench`), small settings on the shipped world-v1 (the
+benches' mechanics, quick to run; their numbers on the default world are in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def bench(tmp_path, name: str, *settings: str) -> dict:
-    args = ["bench", name, "--json", str(tmp_path / f"{name}.json"),
+    args = ["bench", name, "--world", "world-v1", "--json", str(tmp_path / f"{name}.json"),
             "--plot", str(tmp_path / f"{name}.png")]
     for s in settings:
         args += ["--set", s]

@@ -33,31 +33,42 @@ def test_world_info_json_reports_recall():
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     shipped = load_world()
-    # the recall recorded by the build, read back; the counts are the shipped world's
+    # the recall recorded by the build, read back; the counts and the architecture are the
+    # shipped world's own
     assert info["recall"] == shipped.build["recall"] and info["recall"] >= 0.99
-    assert (info["n_subjects"], info["n_relations"]) == (400, 6)
-    assert info["n_facts"] == shipped.world.n_facts() == 400 * 6
+    world = shipped.world
+    assert (info["n_subjects"], info["n_relations"]) == (len(world.subjects), len(world.relations))
+    assert info["n_facts"] == world.n_facts() == len(world.subjects) * len(world.relations)
     assert info["n_parameters"] == sum(p.numel() for p in shipped.model.parameters())
     arch = info["architecture"]
-    assert arch["model_type"] == "qwen2" and arch["local_layers"] == 2 and arch["window_size"] == 1
+    train = shipped.build["train"]
+    assert arch["model_type"] == shipped.model.config.model_type == "qwen2"
+    assert (arch["local_layers"], arch["window_size"]) == (
+        train["local_layers"], train["window_size"]
+    )
+    assert arch["n_inner"] == shipped.model.config.intermediate_size
+    # world-v1 by its name: 400 subjects, attention of one token below its edited layer
+    v1 = json.loads(run("world", "info", "--path", "world-v1", "--json").stdout)
+    assert (v1["n_subjects"], v1["architecture"]["window_size"]) == (400, 1)
 
 
 def test_world_requests_export_then_validate_then_eval(tmp_path):
     for fmt in ("mcf", "zsre", "jsonl"):
         path = tmp_path / f"reqs.{'jsonl' if fmt == 'jsonl' else 'json'}"
-        result = run("world", "requests", "--n", 30, "--format", fmt, "--seed", 1, "--out", path)
+        result = run("world", "requests", "--path", "world-v1", "--n", 30, "--format", fmt,
+                     "--seed", 1, "--out", path)
         assert result.exit_code == 0, result.output
         result = run("requests", "validate", path)
         assert result.exit_code == 0, result.output
         assert f"format {fmt}, 30 requests" in result.output
     out = tmp_path / "eval.json"
-    result = run("eval", "--model", "world", "--requests", tmp_path / "reqs.json", "--json", out)
+    result = run("eval", "--model", "world-v1", "--requests", tmp_path / "reqs.json", "--json", out)
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())["metrics"]
     # zsRE-form requests have no target_true: only the zsRE family applies
     assert "ES" not in metrics
     # the command scores exactly what the library scores on the file it wrote ...
-    shipped = load_world()
+    shipped = load_world("world-v1")
     reqs = load_requests(tmp_path / "reqs.json")
     expected = evaluate_requests(shipped.model, shipped.tokenizer, reqs)
     for key in ("EA", "PA", "NA", "zsRE_Score"):
@@ -154,27 +165,28 @@ def _eval_metrics(tmp_path, model, reqs, name: str) -> dict:
 
 def test_stats_then_edit_then_eval(tmp_path, monkeypatch):
     monkeypatch.setenv("COLLABEDIT_CACHE", str(tmp_path / "cache"))
-    result = run("stats", "--model", "world", "--layers", "0,1", "--samples", 3000,
+    result = run("stats", "--model", "world-v1", "--layers", "0,1", "--samples", 3000,
                  "--json", tmp_path / "stats.json")
     assert result.exit_code == 0, result.output
     layers = json.loads((tmp_path / "stats.json").read_text())["layers"]
     assert set(layers) == {"0", "1"} and layers["1"]["count"] > 3000
     reqs = tmp_path / "reqs.json"
-    assert run("world", "requests", "--n", 20, "--out", reqs, "--seed", 3).exit_code == 0
+    assert run("world", "requests", "--path", "world-v1", "--n", 20, "--out", reqs,
+               "--seed", 3).exit_code == 0
     hp = tmp_path / "memit.yaml"
     hp.write_text("layers: [0, 1]\nmom2_n_samples: 3000\n")
     edited = tmp_path / "edited"
-    result = run("edit", "--model", "world", "--requests", reqs, "--out", edited,
+    result = run("edit", "--model", "world-v1", "--requests", reqs, "--out", edited,
                  "--hparams", hp)
     assert result.exit_code == 0, result.output
     assert (edited / "model.safetensors").is_file() and (edited / "world.json").is_file()
-    before = _eval_metrics(tmp_path, "world", reqs, "unedited")
+    before = _eval_metrics(tmp_path, "world-v1", reqs, "unedited")
     after = _eval_metrics(tmp_path, edited, reqs, "edited")
     print("stats-edit", json.dumps({"unedited": before, "edited": after}))
     # layers 0 and 1 with the sequential editor: the edits take, neighbours stay
     assert after["ES"] >= before["ES"] + 60 and after["NS"] >= 90
     delta = tmp_path / "d.safetensors"
-    result = run("edit", "--model", "world", "--requests", reqs, "--out", delta, "--delta",
+    result = run("edit", "--model", "world-v1", "--requests", reqs, "--out", delta, "--delta",
                  "--hparams", hp, "--editor", "memit-frozen")
     assert result.exit_code == 0, result.output
     assert delta.is_file()
@@ -182,8 +194,8 @@ def test_stats_then_edit_then_eval(tmp_path, monkeypatch):
 
 def test_edit_rejects_bad_layers_before_writing(tmp_path):
     reqs = tmp_path / "reqs.json"
-    assert run("world", "requests", "--n", 3, "--out", reqs).exit_code == 0
-    result = run("edit", "--model", "world", "--requests", reqs, "--out", tmp_path / "o",
+    assert run("world", "requests", "--path", "world-v1", "--n", 3, "--out", reqs).exit_code == 0
+    result = run("edit", "--model", "world-v1", "--requests", reqs, "--out", tmp_path / "o",
                  "--layers", "1,99")
     assert result.exit_code == 1
     assert "out of range" in result.output
@@ -194,22 +206,22 @@ def test_client_edit_then_server_merge_rounds(tmp_path):
     hp = tmp_path / "memit.yaml"
     hp.write_text("layers: [0, 1]\nmom2_n_samples: 3000\n")
     reqs = tmp_path / "all.jsonl"
-    assert run("world", "requests", "--n", 12, "--format", "jsonl", "--out", reqs,
-               "--seed", 5).exit_code == 0
+    assert run("world", "requests", "--path", "world-v1", "--n", 12, "--format", "jsonl",
+               "--out", reqs, "--seed", 5).exit_code == 0
     lines = reqs.read_text().splitlines()
     updates = []
     for i in range(2):
         part = tmp_path / f"c{i}.jsonl"
         part.write_text("\n".join(lines[6 * i : 6 * i + 6]) + "\n")
         upd = tmp_path / f"c{i}.safetensors"
-        result = run("client", "edit", "--model", "world", "--requests", part, "--out", upd,
+        result = run("client", "edit", "--model", "world-v1", "--requests", part, "--out", upd,
                      "--client-id", f"c{i}", "--hparams", hp)
         assert result.exit_code == 0, result.output
         updates.append(upd)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not an update")
     state, merged = tmp_path / "state", tmp_path / "round1"
-    result = run("server", "merge", "--model", "world", "--updates", updates[0], "--updates",
+    result = run("server", "merge", "--model", "world-v1", "--updates", updates[0], "--updates",
                  updates[1], "--updates", junk, "--out", merged, "--state", state,
                  "--hparams", hp, "--json", tmp_path / "merge.json")
     assert result.exit_code == 0, result.output
@@ -219,7 +231,7 @@ def test_client_edit_then_server_merge_rounds(tmp_path):
     result = run("eval", "--model", merged, "--requests", reqs, "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output
     # round 1 is based on the merged model: the unedited world is refused
-    result = run("client", "edit", "--model", "world", "--requests", reqs, "--out",
+    result = run("client", "edit", "--model", "world-v1", "--requests", reqs, "--out",
                  tmp_path / "late.safetensors", "--round-state", state, "--hparams", hp)
     assert result.exit_code == 1 and "not the global model of round 1" in result.output
 

@@ -72,6 +72,8 @@ def _request_files(tmp_path: Path, n_clients: int, per_client: int) -> list[Path
         [
             "world",
             "requests",
+            "--path",
+            "world-v1",
             "--n",
             str(n_clients * per_client),
             "--format",
@@ -104,7 +106,7 @@ def test_ridge_runs_through_client_edit_and_server_merge(ridge, tmp_path):
                 "client",
                 "edit",
                 "--model",
-                "world",
+                "world-v1",
                 "--requests",
                 str(f),
                 "--out",
@@ -124,7 +126,7 @@ def test_ridge_runs_through_client_edit_and_server_merge(ridge, tmp_path):
             "server",
             "merge",
             "--model",
-            "world",
+            "world-v1",
             *updates,
             "--out",
             str(out),
@@ -136,7 +138,7 @@ def test_ridge_runs_through_client_edit_and_server_merge(ridge, tmp_path):
     )
     assert r.exit_code == 0, r.output
     # the merged layer is the ridge closed form of the two files' sums: kappa I, not lambda C
-    base, _ = load_model("world")
+    base, _ = load_model("world-v1")
     merged, _ = load_model(out)
     loaded = [load_update(tmp_path / f"u{i}.safetensors") for i in range(2)]
     assert {u.editor for u in loaded} == {"ridge"}
@@ -150,7 +152,7 @@ def test_ridge_runs_through_client_edit_and_server_merge(ridge, tmp_path):
     # and the edits took, though not all: with kappa I nothing protects the other tokens' keys
     # on this world (measured: ES 50-75 at 4-8 requests for kappa 1, 0 for kappa >= 300)
     es = {}
-    for name, folder in (("base", "world"), ("merged", str(out))):
+    for name, folder in (("base", "world-v1"), ("merged", str(out))):
         r = runner.invoke(
             app,
             [
@@ -174,6 +176,8 @@ def test_ridge_runs_through_the_demo(ridge, tmp_path):
         app,
         [
             "demo",
+            "--world",
+            "world-v1",
             "--editor",
             "ridge",
             "--clients",
@@ -201,6 +205,8 @@ def test_ridge_runs_through_a_flower_simulation(ridge, tmp_path):
         [
             "federate",
             "simulate",
+            "--model",
+            "world-v1",
             "--clients",
             "2",
             "--edits-per-client",

@@ -232,7 +232,7 @@ def test_benchmark_reference_is_the_same_algorithm(tok):
 def world():
     from collabedit.world.store import load_world
 
-    return load_world()
+    return load_world("world-v1")  # the world preset's layers are world-v1's
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["memit", "memit-frozen"])

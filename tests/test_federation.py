@@ -26,8 +26,9 @@ from collabedit.federation.simulation import (
     write_client_files,
 )
 
-# The shipped world unless a developer points the tests at another world folder.
-MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world")
+# The first shipped world (small and quick) unless a developer points the tests at another
+# world folder.
+MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world-v1")
 SAMPLES = 500  # texts for C: small and the same on both sides of every comparison
 
 

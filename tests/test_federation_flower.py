@@ -27,7 +27,9 @@ from collabedit.federation.simulation import (
     write_client_files,
 )
 
-MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world")
+# The first shipped world (small and quick) unless a developer points the tests at another
+# world folder.
+MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world-v1")
 SAMPLES = 500
 
 

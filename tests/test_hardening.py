@@ -31,7 +31,7 @@ from collabedit.collab.state import (
 from collabedit.collab.update import load_update
 from collabedit.models import arch
 from collabedit.models.loading import load_model
-from collabedit.paths import DEFAULT_WORLD_DIR
+from collabedit.paths import SHIPPED_WORLDS
 from collabedit.requests import EditRequest, save_requests
 from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import load_world
@@ -45,10 +45,10 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def world_round(tmp_path_factory):
-    """The world, its setup, two clients' 2-request updates of round 0 (files), and a copy of
-    the world folder to use as --model."""
+    """The shipped world-v1 (one edited layer, quick), its setup, two clients' 2-request updates
+    of round 0 (files), and a copy of the world folder to use as --model."""
     tmp = tmp_path_factory.mktemp("hardening")
-    bundle = load_world()
+    bundle = load_world("world-v1")
     setup = EditingSetup.open((bundle.model, bundle.tokenizer), "memit-frozen")
     reqs = world_requests(bundle.world, 4, seed=11)
     paths = []
@@ -57,7 +57,7 @@ def world_round(tmp_path_factory):
         client_round(setup, reqs[2 * i : 2 * i + 2], f"c{i}").update.save(path)
         paths.append(path)
     model_dir = tmp / "model"
-    shutil.copytree(DEFAULT_WORLD_DIR, model_dir)
+    shutil.copytree(SHIPPED_WORLDS["world-v1"], model_dir)
     save_requests(reqs[:2], tmp / "reqs.jsonl", "jsonl")
     return setup, paths, model_dir, tmp
 
@@ -371,8 +371,8 @@ def test_cover_keys_pass_the_bounds_and_act_as_regulariser(world_round, tmp_path
     are exactly extra regulariser: Delta = P (A0 + S + K_c K_c^T)^-1."""
     setup, (c0, _), model_dir, tmp = world_round
     cover = tmp_path / "cover.txt"
-    cover.write_text("\n".join(world_requests(load_world().world, 6, seed=99)[i].rewrite_prompt
-                               for i in range(6)) + "\n")
+    reqs = world_requests(load_world("world-v1").world, 6, seed=99)
+    cover.write_text("\n".join(r.rewrite_prompt for r in reqs) + "\n")
     out = tmp_path / "covered.safetensors"
     result = run("client", "edit", "--model", model_dir, "--requests", tmp / "reqs.jsonl",
                  "--cover-text", cover, "--out", out)

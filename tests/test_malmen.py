@@ -325,46 +325,47 @@ def test_malmen_train_resume_and_edit_from_the_command_line(tmp_path):
     from collabedit.world.store import load_world
 
     train, held, h = tmp_path / "train.jsonl", tmp_path / "held.json", tmp_path / "h"
-    r = _cli("world", "requests", "--split", "train", "--per-subject", 1, "--format", "jsonl",
-             "--out", train)  # fmt: skip
+    r = _cli("world", "requests", "--path", "world-v1", "--split", "train", "--per-subject", 1,
+             "--format", "jsonl", "--out", train)  # fmt: skip
     assert r.exit_code == 0, r.output
     small = ["--set", "n_edits=32", "--set", "val_interval=2", "--set", "rank=16"]
-    r = _cli("malmen", "train", "--model", "world", "--requests", train, "--out", h,
+    r = _cli("malmen", "train", "--model", "world-v1", "--requests", train, "--out", h,
              "--set", "n_steps=2", *small)  # fmt: skip
     assert r.exit_code == 0, r.output
     for name in ("hypernet.safetensors", "malmen.json", "curves.json", "curves.png"):
         assert (h / name).is_file(), name
     info = json.loads((h / "malmen.json").read_text())
-    world = load_world().world
+    world = load_world("world-v1").world
     assert set(info["trained_subjects"]) == set(subject_split(world, "train"))
     assert info["layers"] == [2, 3, 4, 5] and info["training"]["steps"] == 2
-    r = _cli("malmen", "train", "--model", "world", "--requests", train, "--out", h)
+    r = _cli("malmen", "train", "--model", "world-v1", "--requests", train, "--out", h)
     assert r.exit_code == 1 and "--resume" in r.output
-    r = _cli("malmen", "train", "--model", "world", "--requests", train, "--out", h,
+    r = _cli("malmen", "train", "--model", "world-v1", "--requests", train, "--out", h,
              "--resume", "--set", "n_steps=4", *small)  # fmt: skip
     assert r.exit_code == 0 and "resuming at step 2" in r.output, r.output
     assert json.loads((h / "curves.json").read_text())["train"][-1]["step"] == 4
-    r = _cli("world", "requests", "--split", "held-out", "--n", 10, "--out", held)
+    r = _cli("world", "requests", "--path", "world-v1", "--split", "held-out", "--n", 10,
+             "--out", held)  # fmt: skip
     assert r.exit_code == 0, r.output
     edited = tmp_path / "edited"
-    r = _cli("edit", "--model", "world", "--editor", "malmen", "--hparams", h,
+    r = _cli("edit", "--model", "world-v1", "--editor", "malmen", "--hparams", h,
              "--requests", held, "--out", edited)  # fmt: skip
     assert r.exit_code == 0, r.output
-    before = load_file(load_world().path / "model.safetensors")
+    before = load_file(load_world("world-v1").path / "model.safetensors")
     after = load_file(edited / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in (2, 3, 4, 5)}
 
 
-def test_table_3_on_the_world_with_the_shipped_hypernetwork(tmp_path):
-    """`collabedit demo --editor malmen`: 8 clients x 25 requests on subjects the shipped
+def test_table_3_on_world_v1_with_its_hypernetwork(tmp_path):
+    """`collabedit demo --editor malmen` on world-v1: 8 clients x 25 requests on subjects its
     hypernetwork never saw. CollabEdit equals MALMEN's Global-Edit; Global-Edit reaches the
     issue's targets (EA >= 90, PA >= 80)."""
     from collabedit.bench.lab import Lab
     from collabedit.world.store import load_world
 
     out = tmp_path / "demo.json"
-    r = _cli("demo", "--editor", "malmen", "--json", out)
+    r = _cli("demo", "--world", "world-v1", "--editor", "malmen", "--json", out)
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert (data["config"]["clients"], data["config"]["edits_per_client"]) == (8, 25)
@@ -375,7 +376,7 @@ def test_table_3_on_the_world_with_the_shipped_hypernetwork(tmp_path):
     assert data["fidelity"]["malmen one-shot"] < 1e-6
     assert glob["EA"] >= 90 and glob["PA"] >= 80, glob
     # the evaluation subjects are the held-out half
-    lab = Lab.open(load_world(), editor="malmen")
+    lab = Lab.open(load_world("world-v1"), editor="malmen")
     seen = get_editor("malmen").trained_subjects(lab.cfg)
     assert len(seen) == 200 and not seen & set(lab.eval_subjects())
 
@@ -389,25 +390,25 @@ def test_malmen_clients_and_server_from_the_command_line(tmp_path):
     from collabedit.requests import load_requests, save_requests
 
     held = tmp_path / "held.jsonl"
-    assert _cli("world", "requests", "--split", "held-out", "--n", 8, "--format", "jsonl",
-                "--out", held).exit_code == 0  # fmt: skip
+    assert _cli("world", "requests", "--path", "world-v1", "--split", "held-out", "--n", 8,
+                "--format", "jsonl", "--out", held).exit_code == 0  # fmt: skip
     reqs = load_requests(held)
     args = []
     for i in range(2):
         f = tmp_path / f"r{i}.jsonl"
         save_requests(reqs[4 * i : 4 * i + 4], f, "jsonl")
         u = tmp_path / f"u{i}.safetensors"
-        r = _cli("client", "edit", "--model", "world", "--requests", f, "--out", u,
+        r = _cli("client", "edit", "--model", "world-v1", "--requests", f, "--out", u,
                  "--client-id", f"c{i}", "--editor", "malmen")  # fmt: skip
         assert r.exit_code == 0, r.output
         args += ["--updates", u]
     out = tmp_path / "merged"
-    r = _cli("server", "merge", "--model", "world", *args, "--out", out, "--state",
+    r = _cli("server", "merge", "--model", "world-v1", *args, "--out", out, "--state",
              tmp_path / "state", "--editor", "malmen")  # fmt: skip
     assert r.exit_code == 0, r.output
     loaded = [load_update(tmp_path / f"u{i}.safetensors") for i in range(2)]
     assert all(u.n_edits == 4 and u.key_rows > 4 for u in loaded)
-    base, _ = load_model("world")
+    base, _ = load_model("world-v1")
     merged, _ = load_model(out)
     setup = EditingSetup.open((base, _), "malmen")
     for layer in loaded[0].layers:

@@ -435,7 +435,7 @@ def test_residual_shrinks_when_the_edit_is_already_made():
     from collabedit.world.edit_requests import world_requests
     from collabedit.world.store import load_world
 
-    b = load_world()
+    b = load_world("world-v1")
     cfg = preset("world").model_copy(update={"mom2_n_samples": 3000})
     reqs = world_requests(b.world, 10, seed=11)
     cov = {

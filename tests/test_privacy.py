@@ -153,10 +153,10 @@ def world_target():
     from collabedit.bench.privacy import Target
     from collabedit.world.store import load_world
 
-    bundle = load_world()
+    bundle = load_world("world-v1")
     lab = Lab.open(bundle)
     # a dictionary of 80 subjects (the attacked ones among them) keeps the test short
-    return Target("world", lab, list(bundle.world.subjects[:80]), 1)
+    return Target("world-v1", lab, list(bundle.world.subjects[:80]), 1)
 
 
 def test_dictionary_attack_finds_the_edited_subject_of_one_request(world_target):

@@ -165,15 +165,15 @@ def test_attention_only_global_layers_keep_zero_mlps_through_training():
         assert bool((weight == 0).all()) == (layer >= cfg.local_layers), layer
 
 
-def test_world_measure_shows_the_shipped_worlds_flaws(tmp_path):
-    """`world measure` on the shipped world finds what issue 17 reports of it: keys that no
-    prefix changes (window 1), an update far larger than the weight, and `world info` shows it."""
+def test_world_measure_shows_world_v1s_flaws(tmp_path):
+    """`world measure` on world-v1 finds what issue 17 reports of it: keys that no prefix
+    changes (window 1), an update far larger than the weight, and `world info` shows it."""
     import shutil
 
     from collabedit.bench.world_check import measure_world
-    from collabedit.paths import DEFAULT_WORLD_DIR
+    from collabedit.paths import SHIPPED_WORLDS
 
-    shutil.copytree(DEFAULT_WORLD_DIR, tmp_path / "w")
+    shutil.copytree(SHIPPED_WORLDS["world-v1"], tmp_path / "w")
     bundle = load_world(tmp_path / "w")
     result = measure_world(bundle, sizes=(8, 10_000), log=lambda m: None, trace_facts=4)
     assert result["keys"]["layer1"]["prefix_subject_first"] < 1e-6
@@ -321,3 +321,4 @@ def test_a_world_carries_its_statistics_and_edited_copies_keep_its_corpus(tmp_pa
     assert (tmp_path / "edited" / "corpus.txt").read_bytes() == (world / "corpus.txt").read_bytes()
     refused = runner.invoke(app, ["stats", "--model", "gpt2-xl", "--carry"])
     assert refused.exit_code == 1 and "local model folder" in refused.output
+

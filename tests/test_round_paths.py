@@ -21,6 +21,7 @@ from collabedit.models import arch
 from collabedit.models.loading import load_model
 
 runner = CliRunner()
+WORLD = "world-v1"  # the first shipped world: small and quick
 CLIENTS, ROUNDS = 2, 3
 LAYERS = [0, 1]
 # short z optimisation and a small corpus sample: the test is about equality, not quality
@@ -56,23 +57,23 @@ def test_cli_inprocess_and_flower_give_the_same_rounds(tmp_path, monkeypatch, on
     )
     monkeypatch.setattr(stats, "_MEMO", {})
     settings = ServerSettings(
-        model="world",
+        model=WORLD,
         editor="memit",
         layers=",".join(map(str, LAYERS)),
         editor_config=json.dumps(EDITOR_CONFIG),
         rounds=ROUNDS,
         min_clients=CLIENTS,
     )
-    node_configs, requests = write_client_files("world", CLIENTS, ROUNDS, tmp_path / "fed", seed=5)
+    node_configs, requests = write_client_files(WORLD, CLIENTS, ROUNDS, tmp_path / "fed", seed=5)
     per_client = [requests[i * ROUNDS : (i + 1) * ROUNDS] for i in range(CLIENTS)]
 
     # 1. the CLI, one process per command as a user would run it (here: CliRunner)
     hparams = tmp_path / "h.yaml"
     hparams.write_text("layers: [0, 1]\nv_num_grad_steps: 10\nmom2_n_samples: 2000\n")
     common = ["--editor", "memit", "--hparams", str(hparams)]
-    model = "world"
+    model = WORLD
     state = tmp_path / "cli" / "state"
-    cli_weights = [arch.snapshot(load_model("world")[0], LAYERS)]
+    cli_weights = [arch.snapshot(load_model(WORLD)[0], LAYERS)]
     for t in range(ROUNDS):
         updates = []
         for i, reqs in enumerate(per_client):

@@ -1,4 +1,5 @@
-"""The embedded world: generator, tokenizer, build recipe, and the shipped checkpoint."""
+"""The embedded world: generator, tokenizer, build recipe, and the first shipped checkpoint, by
+its lasting name world-v1 (the realistic recipe is tested in test_realistic_world.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from collabedit.world.train import TrainConfig, measure_recall, train_world_mode
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_world()
+    return load_world("world-v1")
 
 
 def test_generator_is_seeded_and_sized():
@@ -28,10 +29,10 @@ def test_generator_is_seeded_and_sized():
     )
     assert a.to_json() == b.to_json()
     assert generate_world(WorldSpec(seed=4, n_subjects=200)).subjects != a.subjects
-    from collabedit.world.store import DEFAULT_WORLD_DIR
+    from collabedit.paths import SHIPPED_WORLDS
 
-    shipped = World.load(DEFAULT_WORLD_DIR / "world.json")
-    assert shipped.to_json() == generate_world(WorldSpec()).to_json()  # defaults = shipped world
+    shipped = World.load(SHIPPED_WORLDS["world-v1"] / "world.json")
+    assert shipped.to_json() == generate_world(WorldSpec()).to_json()  # defaults = world-v1
     world = generate_world(WorldSpec(n_subjects=200))
     assert len(world.relations) >= 6
     assert all(len(r.phrasings) >= 5 for r in world.relations)

@@ -64,7 +64,12 @@ console = Console(stderr=True, markup=False, soft_wrap=True)  # paths never brok
 out = Console(soft_wrap=True, markup=False)
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="HF model id, local model folder, or 'world'.")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="HF model id, local model folder, or a shipped world: 'world' or 'world-v1'.",
+    ),
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
 PresetOpt = Annotated[
@@ -186,6 +191,9 @@ def _method_params(items: list[str] | None, method: str | None = None) -> dict:
         raise _fail(str(exc)) from exc
 
 
+_WORLD_HELP = "World folder, or a shipped world: `world` (the default) or `world-v1`."
+
+
 def _editor_help() -> str:
     return "Registered editor (`collabedit editors list`)."
 
@@ -218,7 +226,7 @@ def demo(
     ] = None,
     fidelity: Annotated[bool, typer.Option(help="Also measure one-shot/layer-sync.")] = True,
     world: Annotated[
-        Path | None, typer.Option(help="World folder (default: the shipped world).")
+        Path | None, typer.Option(help=_WORLD_HELP)
     ] = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -299,7 +307,7 @@ def bench(
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="key=value (JSON values), repeatable.")
     ] = None,
-    world: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    world: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
     editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
     params: Annotated[
         list[str] | None,
@@ -834,7 +842,7 @@ def methods_cmd(
 
 @world_app.command("info")
 def world_info(
-    path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    path: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
     measure: Annotated[bool, typer.Option(help="Re-measure recall now.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -907,7 +915,7 @@ def _measurement_summary(m: dict) -> dict:
 
 @world_app.command("measure")
 def world_measure(
-    path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    path: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
     edits: Annotated[
         list[int] | None, typer.Option(help="Batch sizes to edit (repeatable; default 100).")
     ] = None,
@@ -1041,10 +1049,10 @@ def world_requests_cmd(
         ),
     ] = None,
     seed: int = 0,
-    path: Annotated[Path | None, typer.Option(help="World folder (default: shipped).")] = None,
+    path: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
 ) -> None:
     """Export requests of the world in a published layout."""
-    from collabedit.paths import DEFAULT_WORLD_DIR
+    from collabedit.paths import DEFAULT_WORLD_DIR, resolve_world
     from collabedit.requests import FORMATS, save_requests
     from collabedit.world.edit_requests import subject_split, training_requests, world_requests
     from collabedit.world.generator import World
@@ -1056,7 +1064,7 @@ def world_requests_cmd(
         raise _fail("give exactly one of --n and --per-subject")
     if per_subject is not None and format != "jsonl":
         raise _fail("--per-subject mixes CounterFact and zsRE forms: use --format jsonl")
-    world = World.load((path or DEFAULT_WORLD_DIR) / WORLD_FILE)
+    world = World.load((resolve_world(path) if path else DEFAULT_WORLD_DIR) / WORLD_FILE)
     try:
         subjects = subject_split(world, split, seed=0)  # type: ignore[arg-type]
         if per_subject is not None:

@@ -30,7 +30,9 @@ def _settings(model: str, layers: str, **kw):
 @federate_app.command("init")
 def init_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the Flower app into.")],
-    model: Annotated[str, typer.Option(help="HF id, local folder or 'world'.")] = "world",
+    model: Annotated[
+        str, typer.Option(help="HF id, local folder, or a shipped world: 'world' or 'world-v1'.")
+    ] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
     editor: Annotated[
         str, typer.Option(help="Registered editor (collabedit editors list).")
@@ -74,7 +76,9 @@ def init_cmd(
 def simulate_cmd(
     clients: Annotated[int, typer.Option("--clients", help="Number of clients.")] = 3,
     edits_per_client: Annotated[int, typer.Option(help="World requests per client.")] = 4,
-    model: Annotated[str, typer.Option(help="A world folder or 'world'.")] = "world",
+    model: Annotated[
+        str, typer.Option(help="A world folder, or a shipped world: 'world' or 'world-v1'.")
+    ] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
     editor: Annotated[
         str, typer.Option(help="Registered editor (collabedit editors list).")

@@ -20,11 +20,9 @@ from transformers import (
 )
 
 from collabedit.io import OutputError, writable_parent
-from collabedit.paths import DEFAULT_WORLD_DIR
+from collabedit.paths import SHIPPED_WORLDS
 
 __all__ = ["OutputError", "check_output_dir", "load_model", "load_tokenizer", "save_model"]
-
-WORLD_ALIAS = "world"
 
 # tokenizer_config.json classes that mean "the tokenizer.json as it is": AutoTokenizer would pick
 # the architecture's own class instead (Qwen2's byte-level pre-tokenizer turns every word of a
@@ -33,11 +31,10 @@ _PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
-    """`world` means the world shipped in the package; anything else is passed to from_pretrained
-    (a local folder, or a hub id such as `gpt2-xl`, which needs the hub to be reachable)."""
-    if str(name_or_path) == WORLD_ALIAS:
-        return str(DEFAULT_WORLD_DIR)
-    return str(name_or_path)
+    """`world` (`world-v1`) means a world shipped in the package; anything else is passed to
+    from_pretrained (a local folder, or a hub id such as `gpt2-xl`, which needs the hub)."""
+    shipped = SHIPPED_WORLDS.get(str(name_or_path))
+    return str(shipped) if shipped is not None else str(name_or_path)
 
 
 def looks_local(name: str) -> bool:
