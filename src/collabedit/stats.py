@@ -170,10 +170,10 @@ CARRIED_DIR = "stats"
 def _carried_file(
     model: PreTrainedModel, model_fp: str, layer: int, corpus: str, samples: int
 ) -> Path | None:
-    source = str(getattr(model.config, "_name_or_path", "") or "")
-    if not source or not Path(source).is_dir():
+    folder = arch.model_folder(model)
+    if folder is None:
         return None
-    return _cache_file(Path(source) / CARRIED_DIR, model_fp, layer, corpus, samples)
+    return _cache_file(folder / CARRIED_DIR, model_fp, layer, corpus, samples)
 
 
 def carry_stats(
@@ -265,11 +265,11 @@ def layer_stats(
         )
     if missing:
         start = time.perf_counter()
-        source = Path(str(getattr(model.config, "_name_or_path", "")))
+        source = arch.model_folder(model)
         fresh = collect_stats(
             model,
             tokenizer,
-            iter_corpus(corpus, samples, source if source.is_dir() else None),
+            iter_corpus(corpus, samples, source),
             missing,
             batch_size=batch_size,
             progress=progress,

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -163,6 +164,13 @@ def restore(model: PreTrainedModel, originals: dict[int, torch.Tensor]) -> None:
 def snapshot(model: PreTrainedModel, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Copies of the edited weights of `layers`, for `restore`."""
     return {layer: read_weight(model, layer) for layer in layers}
+
+
+def model_folder(model: PreTrainedModel) -> Path | None:
+    """The local folder the model was loaded from (where it may carry statistics or a
+    hypernetwork), or None for a hub id or a model built in memory."""
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    return Path(source) if source and Path(source).is_dir() else None
 
 
 def default_layers(model: PreTrainedModel) -> tuple[int, ...]:

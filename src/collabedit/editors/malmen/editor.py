@@ -161,10 +161,10 @@ class Malmen(Editor):
 
     def fill_from_model(self, model: PreTrainedModel, cfg: EditorConfig) -> EditorConfig:
         """A config that names no hypernetwork uses the one in the model folder's `malmen/`."""
-        source = str(getattr(model.config, "_name_or_path", "") or "")
-        if getattr(cfg, "hypernet", None) or not source or not Path(source).is_dir():
+        folder = arch.model_folder(model)
+        if getattr(cfg, "hypernet", None) or folder is None:
             return cfg
-        carried = Path(source) / CARRIED_HYPERNET
+        carried = folder / CARRIED_HYPERNET
         if not (carried / INFO_FILE).is_file():
             return cfg
         return cfg.model_copy(update={"hypernet": str(carried)})
