@@ -1052,7 +1052,7 @@ def world_requests_cmd(
     path: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
 ) -> None:
     """Export requests of the world in a published layout."""
-    from collabedit.paths import DEFAULT_WORLD_DIR, resolve_world
+    from collabedit.paths import resolve_world
     from collabedit.requests import FORMATS, save_requests
     from collabedit.world.edit_requests import subject_split, training_requests, world_requests
     from collabedit.world.generator import World
@@ -1064,7 +1064,7 @@ def world_requests_cmd(
         raise _fail("give exactly one of --n and --per-subject")
     if per_subject is not None and format != "jsonl":
         raise _fail("--per-subject mixes CounterFact and zsRE forms: use --format jsonl")
-    world = World.load((resolve_world(path) if path else DEFAULT_WORLD_DIR) / WORLD_FILE)
+    world = World.load(resolve_world(path) / WORLD_FILE)
     try:
         subjects = subject_split(world, split, seed=0)  # type: ignore[arg-type]
         if per_subject is not None:

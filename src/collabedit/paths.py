@@ -14,6 +14,8 @@ DEFAULT_WORLD_DIR = Path(__file__).resolve().parent / "world" / "default"
 SHIPPED_WORLDS = {"world": DEFAULT_WORLD_DIR, "world-v1": DEFAULT_WORLD_DIR}
 
 
-def resolve_world(name_or_path: str | os.PathLike[str]) -> Path:
-    """A shipped world's folder by its name, else the path as given."""
+def resolve_world(name_or_path: str | os.PathLike[str] | None = None) -> Path:
+    """A shipped world's folder by its name (None: `world`), else the path as given."""
+    if name_or_path is None:
+        return DEFAULT_WORLD_DIR
     return SHIPPED_WORLDS.get(str(name_or_path), Path(name_or_path))

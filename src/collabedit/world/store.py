@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from collabedit.paths import DEFAULT_WORLD_DIR, resolve_world
+from collabedit.paths import resolve_world
 from collabedit.world.generator import World, WorldSpec, generate_world
 from collabedit.world.tokenizer import build_tokenizer
 from collabedit.world.train import TrainConfig, measure_recall, train_world_model
@@ -44,7 +44,7 @@ def is_world_dir(path: Path) -> bool:
 
 def load_world(path: str | os.PathLike[str] | None = None) -> WorldBundle:
     """Load a world folder or a shipped world by name (default: the shipped `world`)."""
-    folder = resolve_world(path) if path is not None else DEFAULT_WORLD_DIR
+    folder = resolve_world(path)
     if not is_world_dir(folder):
         raise FileNotFoundError(
             f"{folder} is not a world folder (no {WORLD_FILE}); build one with "
