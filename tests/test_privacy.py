@@ -269,6 +269,8 @@ def test_small_bench_run_writes_json_and_png(tmp_path):
     args = [
         "bench",
         "privacy",
+        "--world",
+        "world-v1",
         "--json",
         str(tmp_path / "p.json"),
         "--plot",
@@ -282,7 +284,7 @@ def test_small_bench_run_writes_json_and_png(tmp_path):
     data = json.loads((tmp_path / "p.json").read_text())
     assert [r["M"] for r in data["dictionary"]] == [1, 3]
     assert [r["group"] for r in data["secagg"]] == [1, 2]
-    # membership from S alone on the world (keys of the subject's last token): every edited
+    # membership from S alone on world-v1 (keys of the subject's last token): every edited
     # subject is found and nothing else
     for row in data["dictionary"]:
         assert row["s_only"]["subject_recall"] == 1.0
@@ -294,5 +296,5 @@ def test_small_bench_run_writes_json_and_png(tmp_path):
     inv = data["inversion"]
     assert {r["input"] for r in inv["rows"]} == {"K", "S"}
     # the encoder tells different requests apart: unrelated pairs are far from identical
-    # (a constant or broken encoder gives 1.0; measured 0.21 on the world at default settings)
+    # (a constant or broken encoder gives 1.0; measured 0.21 on world-v1 at default settings)
     assert 0.0 < inv["random_pair"] < 0.9

@@ -1,5 +1,5 @@
-"""The embedded world: generator, tokenizer, build recipe, and the first shipped checkpoint, by
-its lasting name world-v1 (the realistic recipe is tested in test_realistic_world.py)."""
+"""The embedded world: generator, tokenizer, build recipe, and the first shipped checkpoint
+(world-v1; the realistic default world is tested in test_realistic_world.py)."""
 
 from __future__ import annotations
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# the embedded world shipped inside the package (`--model world`)
-DEFAULT_WORLD_DIR = Path(__file__).resolve().parent / "world" / "default"
-# every world shipped inside the package, by the name `--model` and `--world` take. `world-v1`
-# names the first world (one edited layer, one-token attention below it) for good: today it is
-# also `world`; when a realistic world becomes `world` (issue 17), `world-v1` keeps meaning this
-# one, and what is tested on it by that name keeps testing the same model.
-SHIPPED_WORLDS = {"world": DEFAULT_WORLD_DIR, "world-v1": DEFAULT_WORLD_DIR}
+_WORLDS = Path(__file__).resolve().parent / "world"
+# the embedded world shipped inside the package (`--model world`): the realistic recipe's
+DEFAULT_WORLD_DIR = _WORLDS / "default"
+# every world shipped inside the package, by the name `--model` and `--world` take; `world-v1`
+# is the first one (one edited layer, one-token attention below it), kept for comparison
+SHIPPED_WORLDS = {"world": DEFAULT_WORLD_DIR, "world-v1": _WORLDS / "v1"}
 
 
 def resolve_world(name_or_path: str | os.PathLike[str] | None = None) -> Path:
