@@ -282,6 +282,16 @@ def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
     # zero global MLPs learn nothing: no slow group, so their checkpoints keep two groups
     zero = realistic._optimizer(model, cfg.model_copy(update={"attention_only_global": True}))
     assert len(zero.param_groups) == 2
+    # layer 0's MLP at its own share joins a group of that share (or the global one's)
+    name_mlp = {id(p) for p in model.model.layers[0].mlp.parameters()}
+    both = realistic._optimizer(model, cfg.model_copy(update={"name_mlp_lr_scale": 0.05}))
+    scaled = {g["lr_scale"]: {id(p) for p in g["params"]} for g in both.param_groups
+              if "lr_scale" in g}
+    assert scaled == {0.1: global_mlp, 0.05: name_mlp}
+    same = realistic._optimizer(model, cfg.model_copy(update={"name_mlp_lr_scale": 0.1}))
+    assert [{id(p) for p in g["params"]} for g in same.param_groups if "lr_scale" in g] == [
+        global_mlp | name_mlp
+    ]
 
 
 def test_a_world_carries_its_statistics_and_edited_copies_keep_its_corpus(tmp_path, monkeypatch):

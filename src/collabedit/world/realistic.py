@@ -342,6 +342,14 @@ class RealisticConfig(TrainConfig):
         "learn facts, which the local MLPs then write at the subject (ignored with "
         "attention_only_global)",
     )
+    name_mlp_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="layer 0's MLP learns at this share of the learning rate: layer 0 sees the "
+        "name's tokens directly and can become the world's fact store by itself, leaving the "
+        "edited layers above it little to write at the subject",
+    )
     catalogue_share: float = Field(
         0.5,
         ge=0,
@@ -501,23 +509,25 @@ def bottleneck_masks(
 
 
 def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; the global layers' MLPs in a group of their own
-    whose `lr_scale` the schedule multiplies in, when they learn and `global_mlp_lr_scale` is
-    not 1."""
-    slow: list[torch.nn.Parameter] = []
+    """AdamW with weight decay on matrices only; MLPs that learn at a share of the rate (the
+    global layers' `global_mlp_lr_scale` when they learn, layer 0's `name_mlp_lr_scale`) in groups
+    of their own whose `lr_scale` the schedule multiplies in."""
+    scaled: dict[float, list[torch.nn.Parameter]] = {}
     if cfg.global_mlp_lr_scale != 1.0 and not cfg.attention_only_global:
         for layer in range(cfg.local_layers, cfg.n_layer):
-            slow.extend(arch.block(model, layer).mlp.parameters())
-    slow_ids = {id(p) for p in slow}
+            scaled.setdefault(cfg.global_mlp_lr_scale, []).extend(
+                arch.block(model, layer).mlp.parameters()
+            )
+    if cfg.name_mlp_lr_scale != 1.0:
+        scaled.setdefault(cfg.name_mlp_lr_scale, []).extend(arch.block(model, 0).mlp.parameters())
+    slow_ids = {id(p) for params in scaled.values() for p in params}
     rest = [p for p in model.parameters() if id(p) not in slow_ids]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    if slow:
-        groups.append(
-            {"params": slow, "weight_decay": cfg.weight_decay, "lr_scale": cfg.global_mlp_lr_scale}
-        )
+    for scale, params in scaled.items():
+        groups.append({"params": params, "weight_decay": cfg.weight_decay, "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
