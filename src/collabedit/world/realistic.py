@@ -518,7 +518,7 @@ def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.Adam
             scaled.setdefault(cfg.global_mlp_lr_scale, []).extend(
                 arch.block(model, layer).mlp.parameters()
             )
-    if cfg.name_mlp_lr_scale != 1.0:
+    if cfg.name_mlp_lr_scale != 1.0 and cfg.local_layers > 0:  # else layer 0 is a global one
         scaled.setdefault(cfg.name_mlp_lr_scale, []).extend(arch.block(model, 0).mlp.parameters())
     slow_ids = {id(p) for params in scaled.values() for p in params}
     rest = [p for p in model.parameters() if id(p) not in slow_ids]
