@@ -91,10 +91,12 @@ def test_catalogue_lines_list_the_subjects_own_objects():
         by_relation = {world.facts[subject][r.id]: r.id for r in world.relations}
         assert len({by_relation[o] for o in objects}) == len(objects)  # distinct relations
     cfg = realistic.RealisticConfig(**(TINY | {"general_share": 0.0}), n_inner=32)
-    plain = realistic._rows(world, tok, cfg.model_copy(update={"catalogue_share": 0.0}),
-                            random.Random(0))
-    more = realistic._rows(world, tok, cfg.model_copy(update={"catalogue_share": 1.0}),
-                           random.Random(0))
+    plain = realistic._rows(
+        world, tok, cfg.model_copy(update={"catalogue_share": 0.0}), random.Random(0)
+    )
+    more = realistic._rows(
+        world, tok, cfg.model_copy(update={"catalogue_share": 1.0}), random.Random(0)
+    )
     # one catalogue line per fact sentence: every subject is mentioned about twice as often
     n_plain = sum(len(s) for s in plain[2])
     assert sum(len(s) for s in more[2]) == 2 * n_plain
@@ -285,8 +287,9 @@ def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
     # layer 0's MLP at its own share joins a group of that share (or the global one's)
     name_mlp = {id(p) for p in model.model.layers[0].mlp.parameters()}
     both = realistic._optimizer(model, cfg.model_copy(update={"name_mlp_lr_scale": 0.05}))
-    scaled = {g["lr_scale"]: {id(p) for p in g["params"]} for g in both.param_groups
-              if "lr_scale" in g}
+    scaled = {
+        g["lr_scale"]: {id(p) for p in g["params"]} for g in both.param_groups if "lr_scale" in g
+    }
     assert scaled == {0.1: global_mlp, 0.05: name_mlp}
     same = realistic._optimizer(model, cfg.model_copy(update={"name_mlp_lr_scale": 0.1}))
     assert [{id(p) for p in g["params"]} for g in same.param_groups if "lr_scale" in g] == [
@@ -355,3 +358,28 @@ def test_the_default_world_is_realistic():
         assert keys[f"layer{layer}"]["shared_last_name_min"] >= 0.05, keys
     recall = measure_recall(bundle.model, bundle.tokenizer, bundle.world, sample=1000, seed=1)
     assert bundle.build["recall"] >= 0.99 and recall["recall"] >= 0.99
+
+
+def test_world_measure_tries_other_layers_without_touching_the_world(tmp_path):
+    """`world measure --layers/--set` measures another layer set (here world-v1's layers 0-1
+    instead of its preset's layer 1, statistics from 400 texts to keep it quick) and writes only
+    --json; a bad field or layer is refused with its name, and the world folder gains no
+    measurements.json either way."""
+    import shutil
+
+    from collabedit.paths import SHIPPED_WORLDS
+
+    shutil.copytree(SHIPPED_WORLDS["world-v1"], tmp_path / "w")
+    base = ["world", "measure", "--path", str(tmp_path / "w"), "--edits", "4"]
+    json_file = str(tmp_path / "m.json")
+    other = ["--layers", "0,1", "--set", "mom2_n_samples=400", "--json", json_file]
+    ran = CliRunner().invoke(app, [*base, *other])
+    assert ran.exit_code == 0, ran.output
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["layers"] == [0, 1]
+    assert set(result["edits"][0]["memit"]["delta_over_W"]) == {"0", "1"}
+    assert result["edits"][0]["editor_config"]["mom2_n_samples"] == 400
+    for bad, named in ((["--set", "no_such_field=1"], "no_such_field"), (["--layers", "99"], "99")):
+        refused = CliRunner().invoke(app, [*base, *bad])
+        assert refused.exit_code != 0 and named in refused.output, refused.output
+    assert not (tmp_path / "w" / "measurements.json").exists()

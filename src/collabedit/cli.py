@@ -225,9 +225,7 @@ def demo(
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
     ] = None,
     fidelity: Annotated[bool, typer.Option(help="Also measure one-shot/layer-sync.")] = True,
-    world: Annotated[
-        Path | None, typer.Option(help=_WORLD_HELP)
-    ] = None,
+    world: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Simulate collaborative editing on the embedded world (offline, CPU, minutes).
@@ -919,23 +917,42 @@ def world_measure(
     edits: Annotated[
         list[int] | None, typer.Option(help="Batch sizes to edit (repeatable; default 100).")
     ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help="Edit these layers instead of the preset's, e.g. 2,3,4."),
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="MEMIT config field, e.g. --set clamp_norm_factor=4."),
+    ] = None,
     seed: int = 0,
     json_out: JsonOpt = None,
 ) -> None:
     """Measure a world as a testbed: contextual keys, covariance rank, causal trace, MEMIT at
     each batch size (efficacy, relation specificity, update size against the weight, sequential
-    against frozen). Writes measurements.json into the world folder; `world info` shows it."""
+    against frozen). With the world's preset it writes measurements.json into the world folder
+    (`world info` shows it); with --layers or --set it writes only --json."""
+    from pydantic import ValidationError
+
     from collabedit.bench.world_check import MEASUREMENTS_FILE, measure_world
     from collabedit.world.store import load_world
 
+    layer_list = _layers_opt(layers)
     bundle = load_world(path)
-    result = measure_world(
-        bundle,
-        edits or [100],
-        seed=seed,
-        log=lambda m: console.print(m, style="dim", markup=False),
-    )
-    write_json(bundle.path / MEASUREMENTS_FILE, result)
+    try:
+        fields = _parse_settings(settings)
+        result = measure_world(
+            bundle,
+            edits or [100],
+            seed=seed,
+            log=lambda m: console.print(m, style="dim", markup=False),
+            layers=layer_list,
+            settings=fields,
+        )
+    except (ValueError, ValidationError) as exc:
+        raise _fail(str(exc)) from exc
+    if not (layer_list or fields):
+        write_json(bundle.path / MEASUREMENTS_FILE, result)
     for k, v in _measurement_summary(result).items():
         out.print(f"{k}: {json.dumps(v)}", markup=False)
     if json_out:

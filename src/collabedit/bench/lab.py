@@ -64,9 +64,15 @@ class Lab:
         cfg: EditorConfig | None = None,
         editor: str = DEFAULT_EDITOR,
         method_params: dict[str, dict] | None = None,
+        layers: Sequence[int] | None = None,
+        settings: dict | None = None,
     ) -> Lab:
-        overrides = cfg.model_dump() if cfg is not None else None
-        setup = EditingSetup.open((bundle.model, bundle.tokenizer), editor, overrides=overrides)
+        """A lab on `bundle` with `editor`: its config is `cfg` (default: the world's preset),
+        then `settings` (config fields) and `layers` over it."""
+        overrides = (cfg.model_dump() if cfg is not None else {}) | (settings or {})
+        setup = EditingSetup.open(
+            (bundle.model, bundle.tokenizer), editor, layers=layers, overrides=overrides or None
+        )
         for name, params in (method_params or {}).items():
             get_method(name).config(**params)  # unknown methods and parameters fail here
         return cls(bundle, setup, dict(method_params or {}))

@@ -109,9 +109,7 @@ def subject_trace(bundle: WorldBundle, n_facts: int = 40, seed: int = 1) -> dict
     return {k: trace[k] for k in ("hidden", "mlp", "clean", "corrupted", "n_facts")}
 
 
-def output_change(
-    delta: torch.Tensor, weight: torch.Tensor, second_moment: torch.Tensor
-) -> float:
+def output_change(delta: torch.Tensor, weight: torch.Tensor, second_moment: torch.Tensor) -> float:
     """||Delta k|| against ||W k|| in root mean square over the corpus keys k, whose second
     moment E[k k^T] is `second_moment` (any positive multiple of it gives the same ratio):
     sqrt(tr(Delta C Delta^T) / tr(W C W^T)). Unlike ||Delta||_F / ||W||_F it does not count
@@ -155,9 +153,7 @@ def score_global_edit(lab: Lab, deltas: dict[int, torch.Tensor], requests) -> di
         "output_change": {
             str(la): output_change(d, weights[la], a0[la]) for la, d in deltas.items()
         },
-        "low_variance_share": {
-            str(la): low_variance_share(d, a0[la]) for la, d in deltas.items()
-        },
+        "low_variance_share": {str(la): low_variance_share(d, a0[la]) for la, d in deltas.items()},
     }
 
 
@@ -194,8 +190,15 @@ def measure_world(
     seed: int = 0,
     log: Log = print,
     trace_facts: int = 40,
+    layers: Sequence[int] | None = None,
+    settings: dict | None = None,
 ) -> dict:
-    lab, frozen = Lab.open(bundle, editor="memit"), Lab.open(bundle, editor="memit-frozen")
+    """Keys, covariance rank, causal trace and MEMIT at each of `sizes` on `bundle`, with the
+    world's preset, or `layers` / `settings` (MEMIT config fields) over it to try others."""
+    lab, frozen = (
+        Lab.open(bundle, editor=name, layers=layers, settings=settings)
+        for name in ("memit", "memit-frozen")
+    )
     layers = lab.layers
     result: dict = {"layers": layers, "recall": bundle.build.get("recall")}
     result["keys"] = key_contextuality(bundle, layers, seed=seed)
