@@ -131,9 +131,9 @@ def test_noise_scale_zero_is_the_identity_and_noise_is_symmetric_and_seeded():
     # P and S stored, not F and G: p_and_s() would recompute F F^T on every call, and BLAS does
     # not promise the same last bit twice (it differed once with another job on the machine),
     # so the identities below would test BLAS rather than the noise
-    p, s = _update(K, R).layers[0].p_and_s()
-    s = (s + s.T) / 2  # exactly symmetric, so that S + N - S is symmetric bit for bit
     u = _update(K, R)
+    p, s = u.layers[0].p_and_s()
+    s = (s + s.T) / 2  # exactly symmetric, so that S + N - S is symmetric bit for bit
     u.layers[0] = LayerUpdate(P=p, S=s)
     same = mitigations.add_noise(u, 0.0, 0.0, seed=1)
     assert torch.equal(same.layers[0].P, p) and torch.equal(same.layers[0].S, s)
