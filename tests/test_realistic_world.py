@@ -297,6 +297,39 @@ def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
     ]
 
 
+def test_mlp_drop_runs_a_row_as_if_the_layers_mlp_were_absent():
+    """Stochastic depth: a dropped row's logits are those of the model with that layer's MLP
+    zeroed, a kept row's those of the model itself; with no rows set the hooks change nothing.
+    A layer outside the model is refused by name."""
+    from pydantic import ValidationError
+
+    world, tok = _world_and_tokenizer(20)
+    cfg = realistic.RealisticConfig(**TINY, n_inner=32, mlp_drop=0.5)
+    assert cfg.mlp_drop_layers == [0]
+    with pytest.raises(ValidationError, match="mlp_drop_layers"):
+        realistic.RealisticConfig(**(TINY | {"mlp_drop_layers": [3]}), n_inner=32)
+    model = build_model(cfg, tok).double().eval()
+    rows, *_ = realistic._rows(world, tok, cfg, random.Random(0))
+    ids = rows[:2]
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        keep = {"rows": torch.tensor([True, False])}
+        hooks = realistic._mlp_drop(model, [0], keep)
+        try:
+            dropped = model(input_ids=ids).logits
+            keep["rows"] = None
+            unset = model(input_ids=ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        without = model(input_ids=ids).logits
+    assert torch.equal(unset, plain)
+    torch.testing.assert_close(dropped[0], plain[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(dropped[1], without[1], rtol=0, atol=1e-12)
+    assert float((plain[1] - without[1]).abs().max()) > 1e-3  # the MLP matters to row 1
+
+
 def test_a_world_carries_its_statistics_and_edited_copies_keep_its_corpus(tmp_path, monkeypatch):
     """`collabedit stats --carry` writes C into the world's folder, where a later load finds it
     with an empty cache (float32: equal to the collected C to float32 rounding) and only for the

@@ -357,7 +357,17 @@ class RealisticConfig(TrainConfig):
         "by 1-3 of its objects in random order ('Ann Bo economist Ireland.'), so the subject's "
         "last token has to predict its attributes (enrichment at the subject, as in LLMs)",
     )
-    recall_sample: int = Field(3000, ge=10)
+    mlp_drop: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="before the cooldown, each training row skips the MLPs of mlp_drop_layers "
+        "with this probability (stochastic depth): a layer that may be missing cannot be the "
+        "world's only fact store, so the layers above it learn to write facts too",
+    )
+    mlp_drop_layers: list[int] = Field(
+        [0], description="the layers whose MLP a row may skip (see mlp_drop)"
+    )
 
     @model_validator(mode="after")
     def _global_mlps(self) -> RealisticConfig:
@@ -366,6 +376,9 @@ class RealisticConfig(TrainConfig):
                 "global_mlps_general_only needs attention_only_global=false (zero global MLPs "
                 "learn nothing)"
             )
+        bad = [layer for layer in self.mlp_drop_layers if not 0 <= layer < self.n_layer]
+        if bad:
+            raise ValueError(f"mlp_drop_layers: no layer {bad} in a {self.n_layer}-layer model")
         return self
 
 
@@ -489,6 +502,21 @@ def _general_only_gradients(
     return [arch.mlp_out(model, layer).register_forward_hook(hook) for layer in layers]
 
 
+def _mlp_drop(
+    model: PreTrainedModel, layers: list[int], keep: dict[str, torch.Tensor | None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that zero the MLP output of `layers` in the rows where `keep["rows"]` (B,) is False;
+    with `keep["rows"]` None (cooldown, evaluation) the MLPs run as usual."""
+
+    def hook(module, inputs, output):
+        rows = keep["rows"]
+        if rows is None:
+            return None
+        return output * rows.to(output.dtype)[:, None, None]
+
+    return [arch.mlp_out(model, layer).register_forward_hook(hook) for layer in layers]
+
+
 def bottleneck_masks(
     batch: torch.Tensor, spans: list[list[tuple[int, int]]], pad: int, window: int
 ) -> dict[str, torch.Tensor]:
@@ -566,6 +594,9 @@ def train_realistic(
         if cfg.global_mlps_general_only
         else []
     )
+    keep: dict[str, torch.Tensor | None] = {"rows": None}
+    if cfg.mlp_drop > 0:
+        hooks += _mlp_drop(model, cfg.mlp_drop_layers, keep)
     model.train()
     for epoch in range(first_epoch, cfg.max_epochs + 1):
         start = time.perf_counter()
@@ -576,6 +607,7 @@ def train_realistic(
         order = torch.randperm(len(rows), generator=shuffle)
         rows, weights, general = rows[order], weights[order], general[order]
         spans = [spans[j] for j in order.tolist()]
+        drop = torch.rand(len(rows), generator=shuffle) < cfg.mlp_drop
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
         losses = []
         for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
@@ -596,6 +628,8 @@ def train_realistic(
             else:
                 mask = (batch != pad).long()
             general_batch["mask"] = general[b : b + cfg.rows_per_batch]
+            dropping = cfg.mlp_drop > 0 and cooldown_left is None
+            keep["rows"] = ~drop[b : b + cfg.rows_per_batch] if dropping else None
             logits = model(input_ids=batch, attention_mask=mask).logits
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2),
@@ -613,6 +647,7 @@ def train_realistic(
             if on_step is not None:
                 on_step(epoch, i + 1, n_steps, loss.item())
         train_seconds = time.perf_counter() - start
+        keep["rows"] = None
         recall = measure_recall(model, tokenizer, world, sample=cfg.recall_sample, seed=epoch)
         model.train()
         entry = {
