@@ -368,6 +368,7 @@ class RealisticConfig(TrainConfig):
     mlp_drop_layers: list[int] = Field(
         [0], description="the layers whose MLP a row may skip (see mlp_drop)"
     )
+    recall_sample: int = Field(3000, ge=10)
 
     @model_validator(mode="after")
     def _global_mlps(self) -> RealisticConfig:
