@@ -312,3 +312,19 @@ def test_blocks_sized_by_the_memory_budget_give_the_same_z(tok):
     assert torch.equal(blocked.steps_taken, whole.steps_taken)
     # one progress bar over all blocks, ending complete
     assert seen[-1][0] == seen[-1][1] and all(t == seen[0][1] for _, t in seen)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_final_norm_is_the_norm_before_the_unembedding(tok, name):
+    """The last block's output through `arch.final_norm` and the unembedding gives the model's
+    own logits (float64, to 1e-10): the readout of the realistic world's recipe and the fast z
+    path read the residual the way the model does."""
+    model = _model(name, len(tok))
+    ids = torch.tensor([tok("the quick brown fox", add_special_tokens=False)["input_ids"]])
+    last = arch.n_layers(model) - 1
+    with capture_block_outputs(model, [last]) as store, torch.no_grad():
+        logits = model(input_ids=ids).logits
+    h = store[last]
+    with torch.no_grad():
+        read = model.get_output_embeddings()(arch.final_norm(model)(h))
+    assert float((read - logits).abs().max()) < 1e-10

@@ -100,6 +100,13 @@ def test_catalogue_lines_list_the_subjects_own_objects():
     # one catalogue line per fact sentence: every subject is mentioned about twice as often
     n_plain = sum(len(s) for s in plain[2])
     assert sum(len(s) for s in more[2]) == 2 * n_plain
+    # the readout's targets: no token without catalogue lines; with them, one run of object
+    # tokens per line (a line starts with its subject, which is not a target), all weight 1
+    assert float(plain[4].sum()) == 0
+    marked = more[4] == 1
+    assert bool((more[1][marked] == 1.0).all())
+    starts = marked[:, 1:] & ~marked[:, :-1]
+    assert int(starts.sum() + marked[:, 0].sum()) == n_plain
 
 
 def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monkeypatch):
@@ -232,7 +239,7 @@ def test_general_only_global_mlps_learn_from_general_text_alone():
     # general text weighted 0.5, unlike any fact token (0.2 context, 1.0 object): the flags must
     # mark exactly the tokens of that weight
     cfg = realistic.RealisticConfig(**(TINY | flags), n_inner=32, general_weight=0.5)
-    rows, weights, _, general = realistic._rows(world, tok, cfg, random.Random(0))
+    rows, weights, _, general, _ = realistic._rows(world, tok, cfg, random.Random(0))
     assert float(general.sum()) > 0
     assert torch.equal(general == 1, weights == 0.5)
     facts_only = realistic._rows(
@@ -328,6 +335,44 @@ def test_mlp_drop_runs_a_row_as_if_the_layers_mlp_were_absent():
     torch.testing.assert_close(dropped[0], plain[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(dropped[1], without[1], rtol=0, atol=1e-12)
     assert float((plain[1] - without[1]).abs().max()) > 1e-3  # the MLP matters to row 1
+
+
+def test_readout_loss_is_the_loss_of_the_model_cut_after_the_readout_layer():
+    """The readout at layer L is what a model of layers 0..L alone (same final norm and
+    unembedding) predicts for the catalogue objects: float64, to 1e-10. Training with it
+    records its loss and moves the weights differently from training without it; a readout at
+    the last layer (the model's own loss) is refused by name."""
+    import copy
+
+    from pydantic import ValidationError
+
+    world, tok = _world_and_tokenizer(20)
+    with pytest.raises(ValidationError, match="readout_layer"):
+        realistic.RealisticConfig(**TINY, n_inner=32, readout_layer=2)
+    cfg = realistic.RealisticConfig(**TINY, n_inner=32, readout_layer=0)
+    model = build_model(cfg, tok).double().eval()
+    rows, _, _, _, catalogue = realistic._rows(world, tok, cfg, random.Random(0))
+    ids, targets = rows[:3], catalogue[:3]
+    assert float(targets.sum()) > 0
+    cut = copy.deepcopy(model)
+    cut.model.layers = cut.model.layers[:1]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        got = realistic.readout_loss(model, hidden, ids, targets)
+        logits = cut(input_ids=ids).logits[:, :-1]
+    at = targets[:, 1:] > 0
+    want = torch.nn.functional.cross_entropy(logits[at], ids[:, 1:][at])
+    assert abs(float(got) - float(want)) < 1e-10
+    assert float(realistic.readout_loss(model, hidden, ids, torch.zeros_like(targets))) == 0
+
+    short = {"max_epochs": 1, "cooldown_epochs": 1}
+    with_readout, history = realistic.train_realistic(world, tok, cfg.model_copy(update=short))
+    plain, plain_history = realistic.train_realistic(
+        world, tok, cfg.model_copy(update=short | {"readout_layer": None})
+    )
+    assert history[0]["readout_loss"] > 0 and plain_history[0]["readout_loss"] is None
+    w0 = with_readout.model.layers[0].mlp.down_proj.weight
+    assert float((w0 - plain.model.layers[0].mlp.down_proj.weight).detach().abs().max()) > 1e-4
 
 
 def test_a_world_carries_its_statistics_and_edited_copies_keep_its_corpus(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ class ArchSpec:
     hidden_size_attr: str
     # MEMIT's published layers for the models it was run on; others get a middle range.
     default_layers: dict[str, tuple[int, ...]]
+    final_norm: str = "transformer.ln_f"  # dotted path of the norm before the unembedding
 
 
 ARCHS: tuple[ArchSpec, ...] = (
@@ -52,7 +53,14 @@ ARCHS: tuple[ArchSpec, ...] = (
     # GPT-Neo keeps GPT-2's module names but uses nn.Linear, stored (d_out, d_in).
     ArchSpec("gpt_neo", ("gpt_neo",), "transformer.h", "mlp.c_proj", False, "hidden_size", {}),
     ArchSpec(
-        "gpt_neox", ("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", False, "hidden_size", {}
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        "mlp.dense_4h_to_h",
+        False,
+        "hidden_size",
+        {},
+        "gpt_neox.final_layer_norm",
     ),
     ArchSpec(
         "llama",
@@ -62,6 +70,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         False,
         "hidden_size",
         {},
+        "model.norm",
     ),
 )
 
@@ -110,6 +119,11 @@ def check_layers(model: PreTrainedModel, layers: Sequence[int]) -> tuple[int, ..
 
 def block(model: PreTrainedModel, layer: int) -> nn.Module:
     return blocks(model)[layer]
+
+
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    """The norm the last block's output passes through before the unembedding."""
+    return _get(model, arch_of(model).final_norm)
 
 
 def mlp_out(model: PreTrainedModel, layer: int) -> nn.Module:

@@ -368,6 +368,16 @@ class RealisticConfig(TrainConfig):
     mlp_drop_layers: list[int] = Field(
         [0], description="the layers whose MLP a row may skip (see mlp_drop)"
     )
+    readout_layer: int | None = Field(
+        None,
+        description="also predict each catalogue line's objects from the residual after this "
+        "layer (through the final norm and the unembedding), weighted by readout_weight: the "
+        "layers up to it must then hold a subject's attributes at its last token, so they write "
+        "facts there instead of leaving them to the layers above (none: no readout)",
+    )
+    readout_weight: float = Field(
+        0.3, ge=0, description="loss weight of the readout at readout_layer"
+    )
     recall_sample: int = Field(3000, ge=10)
 
     @model_validator(mode="after")
@@ -380,6 +390,11 @@ class RealisticConfig(TrainConfig):
         bad = [layer for layer in self.mlp_drop_layers if not 0 <= layer < self.n_layer]
         if bad:
             raise ValueError(f"mlp_drop_layers: no layer {bad} in a {self.n_layer}-layer model")
+        if self.readout_layer is not None and not 0 <= self.readout_layer < self.n_layer - 1:
+            raise ValueError(
+                f"readout_layer: {self.readout_layer} is not below the last layer of a "
+                f"{self.n_layer}-layer model (the last layer's readout is the model's own loss)"
+            )
         return self
 
 
@@ -417,53 +432,57 @@ def _rows(
     tokenizer: PreTrainedTokenizerFast,
     cfg: RealisticConfig,
     rng: random.Random,
-) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]], torch.Tensor, torch.Tensor]:
     """One epoch: every fact in every phrasing once plus general text, packed into rows.
 
     Returns token rows, per-token loss weights, per row the (first, last) token positions of
-    every subject mention (for the training-time subject bottleneck), and per token 1.0 where it
-    belongs to a general sentence (for `global_mlps_general_only`)."""
+    every subject mention (for the training-time subject bottleneck), per token 1.0 where it
+    belongs to a general sentence (for `global_mlps_general_only`), and per token 1.0 where it
+    is a catalogue line's object or closing token (the targets of `readout_layer`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    items: list[tuple[str, str | None, list[str]]] = [
-        (t.format(subj), obj, [subj])
+    items: list[tuple[str, str | None, list[str], bool]] = [
+        (t.format(subj), obj, [subj], False)
         for subj, rel, obj in world.iter_facts()
         for t in rel.phrasings
     ]
     n_facts = len(items)
     for _ in range(round(cfg.catalogue_share * n_facts)):
         subj, objects = catalogue_line(rng, world)
-        items.append((subj, " ".join(objects) + ".", [subj]))
+        items.append((subj, " ".join(objects) + ".", [subj], True))
     n_general = round(cfg.general_share * n_facts)
     for _ in range(n_general):
         text, named = _general(rng, world, cfg.mention_share)
-        items.append((text, None, named))
+        items.append((text, None, named, False))
     rng.shuffle(items)
     texts = []
-    for p, o, _ in items:
+    for p, o, _, _ in items:
         if o is not None and rng.random() < cfg.filler_share:
             p = f"{rng.choice(FILLERS)} {p}"
         texts.append(p)
     text_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     obj_ids = tokenizer(
-        [" " + (o if o is not None else "") for _, o, _ in items], add_special_tokens=False
+        [" " + (o if o is not None else "") for _, o, _, _ in items], add_special_tokens=False
     )["input_ids"]
     subject_ids: dict[str, list[int]] = {}
     rows: list[list[int]] = []
     weights: list[list[float]] = []
     spans: list[list[tuple[int, int]]] = []
     general: list[list[float]] = []
+    catalogue: list[list[float]] = []
     row: list[int] = []
     wrow: list[float] = []
     srow: list[tuple[int, int]] = []
     grow: list[float] = []
+    crow: list[float] = []
 
     def flush() -> None:
         rows.append(row + [pad] * (cfg.n_positions - len(row)))
         weights.append(wrow + [0.0] * (cfg.n_positions - len(wrow)))
         spans.append(srow)
         general.append(grow + [0.0] * (cfg.n_positions - len(grow)))
+        catalogue.append(crow + [0.0] * (cfg.n_positions - len(crow)))
 
-    for (_, o, named), t_ids, o_ids in zip(items, text_ids, obj_ids, strict=True):
+    for (_, o, named, is_catalogue), t_ids, o_ids in zip(items, text_ids, obj_ids, strict=True):
         if o is None:
             item = t_ids + [eos]
             w = [cfg.general_weight] * len(item)
@@ -474,7 +493,7 @@ def _rows(
             raise ValueError(f"sentence longer than n_positions={cfg.n_positions}")
         if len(row) + len(item) > cfg.n_positions:
             flush()
-            row, wrow, srow, grow = [], [], [], []
+            row, wrow, srow, grow, crow = [], [], [], [], []
         for subj in named:
             if subj not in subject_ids:
                 subject_ids[subj] = tokenizer(subj, add_special_tokens=False)["input_ids"]
@@ -483,9 +502,16 @@ def _rows(
             srow.append((len(row) + first, len(row) + first + len(ids) - 1))
         row, wrow = row + item, wrow + w
         grow = grow + [1.0 if o is None else 0.0] * len(item)
+        crow = crow + [0.0] * len(t_ids) + [float(is_catalogue)] * (len(item) - len(t_ids))
     if row:
         flush()
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights), spans, torch.tensor(general)
+    return (
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(weights),
+        spans,
+        torch.tensor(general),
+        torch.tensor(catalogue),
+    )
 
 
 def _general_only_gradients(
@@ -516,6 +542,25 @@ def _mlp_drop(
         return output * rows.to(output.dtype)[:, None, None]
 
     return [arch.mlp_out(model, layer).register_forward_hook(hook) for layer in layers]
+
+
+def readout_loss(
+    model: PreTrainedModel,
+    hidden: torch.Tensor,
+    batch: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean next-token loss of the residual `hidden` (B, T, d) read through the final norm and
+    the unembedding, at the positions whose next token is marked in `targets` (B, T): what the
+    model would predict there if the layers above `hidden` were absent."""
+    at = targets[:, 1:] > 0
+    if not bool(at.any()):
+        return hidden.new_zeros(())
+    logits = model.get_output_embeddings()(arch.final_norm(model)(hidden[:, :-1][at]))
+    return torch.nn.functional.cross_entropy(
+        logits, batch[:, 1:][at], label_smoothing=label_smoothing
+    )
 
 
 def bottleneck_masks(
@@ -603,14 +648,15 @@ def train_realistic(
         start = time.perf_counter()
         if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
             cooldown_left = cfg.max_epochs - epoch + 1
-        rows, weights, spans, general = _rows(world, tokenizer, cfg, rng)
+        rows, weights, spans, general, catalogue = _rows(world, tokenizer, cfg, rng)
         shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
         order = torch.randperm(len(rows), generator=shuffle)
         rows, weights, general = rows[order], weights[order], general[order]
+        catalogue = catalogue[order]
         spans = [spans[j] for j in order.tolist()]
         drop = torch.rand(len(rows), generator=shuffle) < cfg.mlp_drop
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
-        losses = []
+        losses, readouts = [], []
         for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
             if step < cfg.warmup_steps:
                 scale = (step + 1) / cfg.warmup_steps
@@ -631,14 +677,28 @@ def train_realistic(
             general_batch["mask"] = general[b : b + cfg.rows_per_batch]
             dropping = cfg.mlp_drop > 0 and cooldown_left is None
             keep["rows"] = ~drop[b : b + cfg.rows_per_batch] if dropping else None
-            logits = model(input_ids=batch, attention_mask=mask).logits
+            out = model(
+                input_ids=batch,
+                attention_mask=mask,
+                output_hidden_states=cfg.readout_layer is not None,
+            )
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2),
+                out.logits[:, :-1].transpose(1, 2),
                 batch[:, 1:],
                 reduction="none",
                 label_smoothing=cfg.label_smoothing,
             )
             loss = (nll * w).sum() / w.sum()
+            if cfg.readout_layer is not None:
+                readout = readout_loss(
+                    model,
+                    out.hidden_states[cfg.readout_layer + 1],
+                    batch,
+                    catalogue[b : b + cfg.rows_per_batch],
+                    cfg.label_smoothing,
+                )
+                readouts.append(readout.item())
+                loss = loss + cfg.readout_weight * readout
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -654,6 +714,7 @@ def train_realistic(
         entry = {
             "epoch": epoch,
             "loss": sum(losses) / len(losses),
+            "readout_loss": sum(readouts) / len(readouts) if readouts else None,
             "sample_recall": recall["recall"],
             "cooldown": cooldown_left is not None,
             "steps": n_steps,

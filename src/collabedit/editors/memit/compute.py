@@ -449,19 +449,12 @@ def _chunk(
     }
 
 
-# The final norm each architecture applies after its last block (inside `model.base_model`).
-_FINAL_NORM = {
-    "gpt2": "ln_f",
-    "gptj": "ln_f",
-    "gpt_neo": "ln_f",
-    "gpt_neox": "final_layer_norm",
-    "llama": "norm",
-}
-
-
 def _final_norm(model: PreTrainedModel) -> torch.nn.Module | None:
-    name = _FINAL_NORM.get(arch.arch_of(model).name)
-    return getattr(model.base_model, name, None) if name else None
+    """The norm after the last block, or None where the model has none at the known path."""
+    try:
+        return arch.final_norm(model)
+    except AttributeError:
+        return None
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str | None:
