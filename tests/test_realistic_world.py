@@ -112,9 +112,12 @@ def test_catalogue_lines_list_the_subjects_own_objects():
 def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monkeypatch):
     runner = CliRunner()
     args = ["world", "build", "--recipe", "realistic", "--subjects", "24", "--out"]
-    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    # with a readout at layer 0, which the epoch log reports and a resumed build repeats
+    recipe = TINY | {"readout_layer": 0}
+    sets = [x for k, v in recipe.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     first = runner.invoke(app, [*args, str(tmp_path / "a"), "--max-epochs", "2", *sets])
     assert first.exit_code == 0, first.output
+    assert "readout loss" in first.output
     bundle = load_world(tmp_path / "a")
     assert (tmp_path / "a" / "corpus.txt").is_file() and (tmp_path / "a" / "general.txt").is_file()
     # the editors read the realistic preset the world declares

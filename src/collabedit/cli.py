@@ -1023,9 +1023,11 @@ def world_build(
             )
 
         def on_epoch(epoch: int, entry: dict) -> None:
+            readout = entry.get("readout_loss")
             console.print(
                 f"epoch {epoch}: loss {entry['loss']:.4f}, "
-                f"sample recall {entry['sample_recall']:.4f}, {entry['seconds']:.0f} s"
+                + (f"readout loss {readout:.4f}, " if readout is not None else "")
+                + f"sample recall {entry['sample_recall']:.4f}, {entry['seconds']:.0f} s"
             )
 
         if isinstance(train, realistic.RealisticConfig):
