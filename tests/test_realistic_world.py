@@ -177,6 +177,25 @@ def test_attention_only_global_layers_keep_zero_mlps_through_training():
         assert bool((weight == 0).all()) == (layer >= cfg.local_layers), layer
 
 
+def test_a_later_world_measure_adds_its_batch_sizes_to_the_earlier_ones():
+    """measurements.json keeps the batch sizes an earlier run measured and this one did not; a
+    size measured again is replaced; another layer set, or a file of another shape, is not
+    kept."""
+    from collabedit.bench.world_check import merge_measurements
+
+    def run(layers, *sizes, tag):
+        return {"layers": layers, "keys": tag, "edits": [{"n": n, "tag": tag} for n in sizes]}
+
+    earlier = run([1, 2, 3], 100, 1000, tag="a")
+    merged = merge_measurements(earlier, run([1, 2, 3], 500, 100, tag="b"))
+    assert [(e["n"], e["tag"]) for e in merged["edits"]] == [(100, "b"), (500, "b"), (1000, "a")]
+    assert merged["keys"] == "b"
+    assert earlier["edits"] == [{"n": 100, "tag": "a"}, {"n": 1000, "tag": "a"}]  # not mutated
+    new = run([2, 3, 4], 100, tag="c")
+    for old in (earlier, None, [1, 2], {"layers": [2, 3, 4], "edits": "broken"}):
+        assert merge_measurements(old, new)["edits"] == new["edits"]
+
+
 def test_world_measure_shows_world_v1s_flaws(tmp_path):
     """`world measure` on world-v1 finds what issue 17 reports of it: keys that no prefix
     changes (window 1), an update far larger than the weight, and `world info` shows it."""

@@ -931,10 +931,11 @@ def world_measure(
     """Measure a world as a testbed: contextual keys, covariance rank, causal trace, MEMIT at
     each batch size (efficacy, relation specificity, update size against the weight, sequential
     against frozen). With the world's preset it writes measurements.json into the world folder
-    (`world info` shows it); with --layers or --set it writes only --json."""
+    (`world info` shows it), keeping the batch sizes earlier runs measured and this one did not;
+    with --layers or --set it writes only --json."""
     from pydantic import ValidationError
 
-    from collabedit.bench.world_check import MEASUREMENTS_FILE, measure_world
+    from collabedit.bench.world_check import MEASUREMENTS_FILE, measure_world, merge_measurements
     from collabedit.world.store import load_world
 
     layer_list = _layers_opt(layers)
@@ -952,7 +953,13 @@ def world_measure(
     except (ValueError, ValidationError) as exc:
         raise _fail(str(exc)) from exc
     if not (layer_list or fields):
-        write_json(bundle.path / MEASUREMENTS_FILE, result)
+        target = bundle.path / MEASUREMENTS_FILE
+        try:
+            earlier = json.loads(target.read_text()) if target.is_file() else None
+        except (OSError, ValueError) as exc:
+            console.print(f"{target}: unreadable ({exc}); replacing it", markup=False)
+            earlier = None
+        write_json(target, merge_measurements(earlier, result))
     for k, v in _measurement_summary(result).items():
         out.print(f"{k}: {json.dumps(v)}", markup=False)
     if json_out:

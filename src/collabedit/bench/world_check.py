@@ -213,3 +213,19 @@ def measure_world(
             continue
         result["edits"].append(edit_measurements(lab, frozen, n, seed, log))
     return result
+
+
+def merge_measurements(old: dict | None, new: dict) -> dict:
+    """`new` with the batch sizes `old` measured and `new` did not: a later `world measure
+    --edits 1000` adds to an earlier `--edits 100` instead of dropping it. `old` is ignored when
+    it measured other layers (a changed preset)."""
+    if not isinstance(old, dict) or old.get("layers") != new["layers"]:
+        return new
+    sizes = {e["n"] for e in new["edits"]}
+    earlier = old.get("edits")
+    kept = [
+        e
+        for e in (earlier if isinstance(earlier, list) else [])
+        if isinstance(e, dict) and isinstance(e.get("n"), int) and e["n"] not in sizes
+    ]
+    return new | {"edits": sorted(kept + new["edits"], key=lambda e: e["n"])}
