@@ -112,12 +112,12 @@ def test_catalogue_lines_list_the_subjects_own_objects():
 def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monkeypatch):
     runner = CliRunner()
     args = ["world", "build", "--recipe", "realistic", "--subjects", "24", "--out"]
-    # with a readout at layer 0, which the epoch log reports and a resumed build repeats
-    recipe = TINY | {"readout_layer": 0}
+    # with readouts at layers 0 and 1, which the epoch log reports and a resumed build repeats
+    recipe = TINY | {"readout_layer": [0, 1]}
     sets = [x for k, v in recipe.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     first = runner.invoke(app, [*args, str(tmp_path / "a"), "--max-epochs", "2", *sets])
     assert first.exit_code == 0, first.output
-    assert "readout loss" in first.output
+    assert "(layer 0)" in first.output and "(layer 1)" in first.output
     bundle = load_world(tmp_path / "a")
     assert (tmp_path / "a" / "corpus.txt").is_file() and (tmp_path / "a" / "general.txt").is_file()
     # the editors read the realistic preset the world declares
@@ -342,7 +342,7 @@ def test_mlp_drop_runs_a_row_as_if_the_layers_mlp_were_absent():
     ids = rows[:2]
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        keep = {"rows": torch.tensor([True, False])}
+        keep = {"rows": torch.tensor([[True], [False]])}
         hooks = realistic._mlp_drop(model, [0], keep)
         try:
             dropped = model(input_ids=ids).logits
@@ -351,12 +351,63 @@ def test_mlp_drop_runs_a_row_as_if_the_layers_mlp_were_absent():
         finally:
             for h in hooks:
                 h.remove()
-        model.model.layers[0].mlp.down_proj.weight.zero_()
+        # two layers, each row skipping a different one
+        keep = {"rows": torch.tensor([[True, False], [False, True]])}
+        hooks = realistic._mlp_drop(model, [0, 1], keep)
+        try:
+            crossed = model(input_ids=ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        down = [model.model.layers[layer].mlp.down_proj.weight for layer in (0, 1)]
+        saved = down[1].clone()
+        down[1].zero_()
+        without_1 = model(input_ids=ids).logits
+        down[1].copy_(saved)
+        down[0].zero_()
         without = model(input_ids=ids).logits
     assert torch.equal(unset, plain)
     torch.testing.assert_close(dropped[0], plain[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(dropped[1], without[1], rtol=0, atol=1e-12)
     assert float((plain[1] - without[1]).abs().max()) > 1e-3  # the MLP matters to row 1
+    torch.testing.assert_close(crossed[0], without_1[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(crossed[1], without[1], rtol=0, atol=1e-12)
+    assert float((plain[0] - without_1[0]).abs().max()) > 1e-3
+
+
+def test_mlp_drop_draws_one_coin_per_row_or_one_per_row_and_layer():
+    """One rate: a row skips all the listed layers together, at that rate. A list: each layer
+    by its own draw at its own rate, so both are skipped at about the product. Bad lists are
+    refused by name. A readout at layer L asks only rows in which some MLP up to L ran. (The
+    draws are seeded: the counts below are fixed numbers, bounded by 5 binomial deviations.)"""
+    from pydantic import ValidationError
+
+    n = 20_000
+    joint = realistic.RealisticConfig(**TINY, mlp_drop=0.3, mlp_drop_layers=[0, 1])
+    keeps = realistic._drawn_keeps(n, joint, torch.Generator().manual_seed(0))
+    assert keeps.shape == (n, 2) and torch.equal(keeps[:, 0], keeps[:, 1])
+    assert abs(float((~keeps[:, 0]).float().mean()) - 0.3) < 5 * (0.3 * 0.7 / n) ** 0.5
+    each = realistic.RealisticConfig(**TINY, mlp_drop=[0.5, 0.2], mlp_drop_layers=[0, 1])
+    keeps = realistic._drawn_keeps(n, each, torch.Generator().manual_seed(0))
+    rates = (~keeps).float().mean(dim=0)
+    both = float((~keeps).all(dim=1).float().mean())
+    for got, want in [(float(rates[0]), 0.5), (float(rates[1]), 0.2), (both, 0.1)]:
+        assert abs(got - want) < 5 * (want * (1 - want) / n) ** 0.5
+    for bad, match in [
+        ({"mlp_drop": [0.5]}, "2 layers"),
+        ({"mlp_drop": [0.5, 1.0]}, "rate in"),
+        ({"mlp_drop": 0.5, "mlp_drop_layers": [1, 1]}, "twice"),
+        ({"mlp_drop": [0.5, 0.2], "readout_layer": [1, 1]}, "readout_layer"),
+    ]:
+        with pytest.raises(ValidationError, match=match):
+            realistic.RealisticConfig(**(TINY | {"mlp_drop_layers": [0, 1]} | bad))
+
+    keeps = torch.tensor([[False, False], [True, False], [False, True]])
+    assert torch.equal(realistic._asked(keeps, each, 0), torch.tensor([False, True, False]))
+    assert torch.equal(realistic._asked(keeps, each, 1), torch.tensor([False, True, True]))
+    assert realistic._asked(None, each, 1) is None
+    upper = realistic.RealisticConfig(**TINY, mlp_drop=0.5, mlp_drop_layers=[1])
+    assert realistic._asked(keeps[:, :1], upper, 1) is None  # layer 0 always runs
 
 
 def test_readout_loss_is_the_loss_of_the_model_cut_after_the_readout_layer():
@@ -395,6 +446,17 @@ def test_readout_loss_is_the_loss_of_the_model_cut_after_the_readout_layer():
     assert history[0]["readout_loss"] > 0 and plain_history[0]["readout_loss"] is None
     w0 = with_readout.model.layers[0].mlp.down_proj.weight
     assert float((w0 - plain.model.layers[0].mlp.down_proj.weight).detach().abs().max()) > 1e-4
+
+    # readouts at two layers, with each layer's MLP skipped by a draw of its own before the
+    # cooldown (so rows that ran no MLP are left out of the lower readout): each readout logged,
+    # the epoch's readout loss their mean
+    drops = {"max_epochs": 2, "mlp_drop": [0.5, 0.5], "mlp_drop_layers": [0, 1]}
+    two = cfg.model_copy(update=short | drops | {"readout_layer": [0, 1]})
+    assert two.readout_layers == [0, 1] and cfg.readout_layers == [0]
+    _, two_history = realistic.train_realistic(world, tok, two)
+    per_layer = two_history[0]["readout_losses"]
+    assert set(per_layer) == {"0", "1"} and per_layer["0"] != per_layer["1"]
+    assert abs(two_history[0]["readout_loss"] - (per_layer["0"] + per_layer["1"]) / 2) < 1e-12
 
 
 def test_a_world_carries_its_statistics_and_edited_copies_keep_its_corpus(tmp_path, monkeypatch):

@@ -1030,11 +1030,16 @@ def world_build(
             )
 
         def on_epoch(epoch: int, entry: dict) -> None:
-            readout = entry.get("readout_loss")
+            per_layer = entry.get("readout_losses") or {}
+            readouts = "".join(
+                f"readout loss {value:.4f}"
+                + (f" (layer {layer})" if len(per_layer) > 1 else "")
+                + ", "
+                for layer, value in per_layer.items()
+            )
             console.print(
-                f"epoch {epoch}: loss {entry['loss']:.4f}, "
-                + (f"readout loss {readout:.4f}, " if readout is not None else "")
-                + f"sample recall {entry['sample_recall']:.4f}, {entry['seconds']:.0f} s"
+                f"epoch {epoch}: loss {entry['loss']:.4f}, {readouts}"
+                f"sample recall {entry['sample_recall']:.4f}, {entry['seconds']:.0f} s"
             )
 
         if isinstance(train, realistic.RealisticConfig):

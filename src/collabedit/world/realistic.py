@@ -357,26 +357,28 @@ class RealisticConfig(TrainConfig):
         "by 1-3 of its objects in random order ('Ann Bo economist Ireland.'), so the subject's "
         "last token has to predict its attributes (enrichment at the subject, as in LLMs)",
     )
-    mlp_drop: float = Field(
+    mlp_drop: float | list[float] = Field(
         0.0,
-        ge=0,
-        lt=1,
         description="before the cooldown, each training row skips the MLPs of mlp_drop_layers "
         "with this probability (stochastic depth): a layer that may be missing cannot be the "
-        "world's only fact store, so the layers above it learn to write facts too",
+        "world's only fact store, so the layers above it learn to write facts too. One number: "
+        "one draw per row skips all the listed layers together; a list (one rate per listed "
+        "layer): each layer is skipped by a draw of its own",
     )
     mlp_drop_layers: list[int] = Field(
         [0], description="the layers whose MLP a row may skip (see mlp_drop)"
     )
-    readout_layer: int | None = Field(
+    readout_layer: int | list[int] | None = Field(
         None,
         description="also predict each catalogue line's objects from the residual after this "
-        "layer (through the final norm and the unembedding), weighted by readout_weight: the "
-        "layers up to it must then hold a subject's attributes at its last token, so they write "
-        "facts there instead of leaving them to the layers above (none: no readout)",
+        "layer, or after each of a list of layers (through the final norm and the unembedding), "
+        "weighted by readout_weight: the layers up to it must then hold a subject's attributes "
+        "at its last token, so they write facts there instead of leaving them to the layers "
+        "above (none: no readout). A row whose MLPs up to the layer are all skipped (mlp_drop) "
+        "is not asked",
     )
     readout_weight: float = Field(
-        0.3, ge=0, description="loss weight of the readout at readout_layer"
+        0.3, ge=0, description="loss weight of each readout (see readout_layer)"
     )
     recall_sample: int = Field(3000, ge=10)
 
@@ -390,12 +392,44 @@ class RealisticConfig(TrainConfig):
         bad = [layer for layer in self.mlp_drop_layers if not 0 <= layer < self.n_layer]
         if bad:
             raise ValueError(f"mlp_drop_layers: no layer {bad} in a {self.n_layer}-layer model")
-        if self.readout_layer is not None and not 0 <= self.readout_layer < self.n_layer - 1:
+        if len(set(self.mlp_drop_layers)) != len(self.mlp_drop_layers):
+            raise ValueError(f"mlp_drop_layers: {self.mlp_drop_layers} names a layer twice")
+        rates = self.mlp_drop_rates
+        if len(rates) != len(self.mlp_drop_layers):
             raise ValueError(
-                f"readout_layer: {self.readout_layer} is not below the last layer of a "
-                f"{self.n_layer}-layer model (the last layer's readout is the model's own loss)"
+                f"mlp_drop: {len(rates)} rates for the {len(self.mlp_drop_layers)} layers of "
+                f"mlp_drop_layers {self.mlp_drop_layers}"
+            )
+        if not all(0 <= rate < 1 for rate in rates):
+            raise ValueError(f"mlp_drop: {self.mlp_drop} is not a rate in [0, 1)")
+        layers = self.readout_layers
+        if not all(0 <= layer < self.n_layer - 1 for layer in layers) or len(set(layers)) != len(
+            layers
+        ):
+            raise ValueError(
+                f"readout_layer: {self.readout_layer} is not distinct layers below the last "
+                f"layer of a {self.n_layer}-layer model (the last layer's readout is the model's "
+                "own loss)"
             )
         return self
+
+    @property
+    def readout_layers(self) -> list[int]:
+        """The layers read out, in the order given (none: empty)."""
+        if self.readout_layer is None:
+            return []
+        return [self.readout_layer] if isinstance(self.readout_layer, int) else self.readout_layer
+
+    @property
+    def mlp_drop_rates(self) -> list[float]:
+        """Each listed layer's skip rate (a single mlp_drop applies to all of them)."""
+        if isinstance(self.mlp_drop, list):
+            return self.mlp_drop
+        return [self.mlp_drop] * len(self.mlp_drop_layers)
+
+    @property
+    def drops_mlps(self) -> bool:
+        return any(rate > 0 for rate in self.mlp_drop_rates)
 
 
 def realistic_spec(n_subjects: int, seed: int = 0) -> WorldSpec:
@@ -532,16 +566,42 @@ def _general_only_gradients(
 def _mlp_drop(
     model: PreTrainedModel, layers: list[int], keep: dict[str, torch.Tensor | None]
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks that zero the MLP output of `layers` in the rows where `keep["rows"]` (B,) is False;
-    with `keep["rows"]` None (cooldown, evaluation) the MLPs run as usual."""
+    """Hooks that zero the MLP output of `layers[j]` in the rows where `keep["rows"][:, j]`
+    ((B, len(layers)) booleans) is False; with `keep["rows"]` None (cooldown, evaluation) the
+    MLPs run as usual."""
 
-    def hook(module, inputs, output):
-        rows = keep["rows"]
-        if rows is None:
-            return None
-        return output * rows.to(output.dtype)[:, None, None]
+    def hook_for(j: int):
+        def hook(module, inputs, output):
+            rows = keep["rows"]
+            if rows is None:
+                return None
+            return output * rows[:, j].to(output.dtype)[:, None, None]
 
-    return [arch.mlp_out(model, layer).register_forward_hook(hook) for layer in layers]
+        return hook
+
+    return [
+        arch.mlp_out(model, layer).register_forward_hook(hook_for(j))
+        for j, layer in enumerate(layers)
+    ]
+
+
+def _drawn_keeps(n_rows: int, cfg: RealisticConfig, generator: torch.Generator) -> torch.Tensor:
+    """(n_rows, len(mlp_drop_layers)) booleans, True = the row runs that layer's MLP: one draw per
+    row for all the layers when mlp_drop is one number, one per row and layer for a list."""
+    if isinstance(cfg.mlp_drop, list):
+        rates = torch.tensor(cfg.mlp_drop)
+        return torch.rand(n_rows, len(rates), generator=generator) >= rates
+    drop = torch.rand(n_rows, generator=generator) < cfg.mlp_drop
+    return (~drop)[:, None].expand(n_rows, len(cfg.mlp_drop_layers))
+
+
+def _asked(keeps: torch.Tensor | None, cfg: RealisticConfig, layer: int) -> torch.Tensor | None:
+    """Rows (B,) whose residual after `layer` a readout may ask for facts: some MLP up to it
+    ran. None: every row (no MLP skipped, or a layer up to it that is never skipped)."""
+    if keeps is None or any(lower not in cfg.mlp_drop_layers for lower in range(layer + 1)):
+        return None
+    columns = [j for j, lower in enumerate(cfg.mlp_drop_layers) if lower <= layer]
+    return keeps[:, columns].any(dim=1)
 
 
 def readout_loss(
@@ -641,7 +701,7 @@ def train_realistic(
         else []
     )
     keep: dict[str, torch.Tensor | None] = {"rows": None}
-    if cfg.mlp_drop > 0:
+    if cfg.drops_mlps:
         hooks += _mlp_drop(model, cfg.mlp_drop_layers, keep)
     model.train()
     for epoch in range(first_epoch, cfg.max_epochs + 1):
@@ -654,9 +714,9 @@ def train_realistic(
         rows, weights, general = rows[order], weights[order], general[order]
         catalogue = catalogue[order]
         spans = [spans[j] for j in order.tolist()]
-        drop = torch.rand(len(rows), generator=shuffle) < cfg.mlp_drop
+        keeps = _drawn_keeps(len(rows), cfg, shuffle)
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
-        losses, readouts = [], []
+        losses, readouts = [], {layer: [] for layer in cfg.readout_layers}
         for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
             if step < cfg.warmup_steps:
                 scale = (step + 1) / cfg.warmup_steps
@@ -675,12 +735,12 @@ def train_realistic(
             else:
                 mask = (batch != pad).long()
             general_batch["mask"] = general[b : b + cfg.rows_per_batch]
-            dropping = cfg.mlp_drop > 0 and cooldown_left is None
-            keep["rows"] = ~drop[b : b + cfg.rows_per_batch] if dropping else None
+            dropping = cfg.drops_mlps and cooldown_left is None
+            keep["rows"] = keeps[b : b + cfg.rows_per_batch] if dropping else None
             out = model(
                 input_ids=batch,
                 attention_mask=mask,
-                output_hidden_states=cfg.readout_layer is not None,
+                output_hidden_states=bool(readouts),
             )
             nll = torch.nn.functional.cross_entropy(
                 out.logits[:, :-1].transpose(1, 2),
@@ -689,15 +749,15 @@ def train_realistic(
                 label_smoothing=cfg.label_smoothing,
             )
             loss = (nll * w).sum() / w.sum()
-            if cfg.readout_layer is not None:
+            for layer, layer_readouts in readouts.items():
+                targets = catalogue[b : b + cfg.rows_per_batch]
+                asked = _asked(keep["rows"], cfg, layer)
+                if asked is not None:
+                    targets = targets * asked[:, None].to(targets.dtype)
                 readout = readout_loss(
-                    model,
-                    out.hidden_states[cfg.readout_layer + 1],
-                    batch,
-                    catalogue[b : b + cfg.rows_per_batch],
-                    cfg.label_smoothing,
+                    model, out.hidden_states[layer + 1], batch, targets, cfg.label_smoothing
                 )
-                readouts.append(readout.item())
+                layer_readouts.append(readout.item())
                 loss = loss + cfg.readout_weight * readout
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -714,7 +774,12 @@ def train_realistic(
         entry = {
             "epoch": epoch,
             "loss": sum(losses) / len(losses),
-            "readout_loss": sum(readouts) / len(readouts) if readouts else None,
+            "readout_loss": (
+                sum(sum(v) / len(v) for v in readouts.values()) / len(readouts)
+                if readouts
+                else None
+            ),
+            "readout_losses": {str(k): sum(v) / len(v) for k, v in readouts.items()} or None,
             "sample_recall": recall["recall"],
             "cooldown": cooldown_left is not None,
             "steps": n_steps,
