@@ -845,6 +845,7 @@ def world_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Size, architecture and recall of a world."""
+    from collabedit.bench.world_check import MEASUREMENTS_FILE
     from collabedit.world.store import load_world
     from collabedit.world.train import measure_recall
 
@@ -871,7 +872,7 @@ def world_info(
     if measure:
         r = measure_recall(b.model, b.tokenizer, b.world)
         info |= {"recall": r["recall"], "min_phrasing_recall": r["min_phrasing_recall"]}
-    measured = b.path / "measurements.json"
+    measured = b.path / MEASUREMENTS_FILE
     if measured.is_file():
         info |= _measurement_summary(json.loads(measured.read_text()))
     if as_json:

@@ -749,8 +749,9 @@ def train_realistic(
                 label_smoothing=cfg.label_smoothing,
             )
             loss = (nll * w).sum() / w.sum()
+            batch_catalogue = catalogue[b : b + cfg.rows_per_batch]
             for layer, layer_readouts in readouts.items():
-                targets = catalogue[b : b + cfg.rows_per_batch]
+                targets = batch_catalogue
                 asked = _asked(keep["rows"], cfg, layer)
                 if asked is not None:
                     targets = targets * asked[:, None].to(targets.dtype)
