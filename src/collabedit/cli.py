@@ -22,6 +22,7 @@ from rich.table import Table
 from collabedit import io
 from collabedit.defaults import DEFAULT_EDITOR, DEFAULT_SINGLE_EDITOR
 from collabedit.federation.cli import federate_app  # imports no Flower until a command runs
+from collabedit.paths import SHIPPED_WORLD_NAMES
 
 app = typer.Typer(
     help="Collaborative, non-destructive knowledge editing (CollabEdit) with registered editors.",
@@ -68,7 +69,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="HF model id, local model folder, or a shipped world: 'world' or 'world-v1'.",
+        help=f"HF model id, local model folder, or a shipped world: {SHIPPED_WORLD_NAMES}.",
     ),
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")]
@@ -191,7 +192,7 @@ def _method_params(items: list[str] | None, method: str | None = None) -> dict:
         raise _fail(str(exc)) from exc
 
 
-_WORLD_HELP = "World folder, or a shipped world: `world` (the default) or `world-v1`."
+_WORLD_HELP = f"World folder, or a shipped world: {SHIPPED_WORLD_NAMES}."
 
 
 def _editor_help() -> str:

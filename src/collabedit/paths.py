@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 
 _WORLDS = Path(__file__).resolve().parent / "world"
-# the embedded world shipped inside the package (`--model world`): the realistic recipe's
+# the embedded world shipped inside the package (`--model world`), built by the realistic recipe
 DEFAULT_WORLD_DIR = _WORLDS / "default"
 # every world shipped inside the package, by the name `--model` and `--world` take; `world-v1`
 # is the first one (one edited layer, one-token attention below it), kept for comparison
 SHIPPED_WORLDS = {"world": DEFAULT_WORLD_DIR, "world-v1": _WORLDS / "v1"}
+# how help texts name them: "'world' (the default) or 'world-v1'"
+_quoted = [f"'{name}'" + (" (the default)" if name == "world" else "") for name in SHIPPED_WORLDS]
+SHIPPED_WORLD_NAMES = ", ".join(_quoted[:-1]) + " or " + _quoted[-1]
 
 
 def resolve_world(name_or_path: str | os.PathLike[str] | None = None) -> Path:

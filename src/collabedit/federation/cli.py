@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from collabedit.defaults import DEFAULT_EDITOR
+from collabedit.paths import SHIPPED_WORLD_NAMES
 
 federate_app = typer.Typer(
     help="Real federation on Flower (needs collabedit's `flower` extra).",
@@ -31,7 +32,7 @@ def _settings(model: str, layers: str, **kw):
 def init_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder to write the Flower app into.")],
     model: Annotated[
-        str, typer.Option(help="HF id, local folder, or a shipped world: 'world' or 'world-v1'.")
+        str, typer.Option(help=f"HF id, local folder, or a shipped world: {SHIPPED_WORLD_NAMES}.")
     ] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
     editor: Annotated[
@@ -77,7 +78,7 @@ def simulate_cmd(
     clients: Annotated[int, typer.Option("--clients", help="Number of clients.")] = 3,
     edits_per_client: Annotated[int, typer.Option(help="World requests per client.")] = 4,
     model: Annotated[
-        str, typer.Option(help="A world folder, or a shipped world: 'world' or 'world-v1'.")
+        str, typer.Option(help=f"A world folder, or a shipped world: {SHIPPED_WORLD_NAMES}.")
     ] = "world",
     layers: Annotated[str, typer.Option(help="Comma-separated layers ('' = preset's).")] = "",
     editor: Annotated[

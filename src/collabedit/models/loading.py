@@ -31,7 +31,7 @@ _PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
-    """`world` (`world-v1`) means a world shipped in the package; anything else is passed to
+    """A shipped world's name (paths.SHIPPED_WORLDS) means its folder; anything else is passed to
     from_pretrained (a local folder, or a hub id such as `gpt2-xl`, which needs the hub)."""
     shipped = SHIPPED_WORLDS.get(str(name_or_path))
     return str(shipped) if shipped is not None else str(name_or_path)
