@@ -9,6 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from collabedit.cli import app
+from collabedit.defaults import DEFAULT_EDITOR
+from collabedit.editors import get_editor, make_config
 from collabedit.evaluate.metrics import evaluate_requests
 from collabedit.requests import load_requests
 from collabedit.world.store import load_world
@@ -95,8 +97,10 @@ def test_world_requests_rejects_too_many(tmp_path):
 
 
 def test_demo_reads_the_editor_config_it_is_given(tmp_path):
-    """--hparams reaches the editor's config before any edit: a missing file is named, and a
-    file whose layers the world lacks is refused with those layers (the shipped world has 7)."""
+    """--hparams and --set reach the editor's config before any edit: a missing file is named,
+    a file whose layers the world lacks is refused with those layers (the shipped world has 7),
+    an unknown field is refused by its name; a field set on the command line changes that field
+    of the world's preset and no other."""
     out = tmp_path / "demo.json"
     missing = run("demo", "--hparams", tmp_path / "none.yaml", "--json", out)
     assert missing.exit_code == 1 and "none.yaml" in missing.output
@@ -104,7 +108,17 @@ def test_demo_reads_the_editor_config_it_is_given(tmp_path):
     y.write_text("alg_name: MEMIT\nlayers: [40]\nmom2_update_weight: 12345\n")
     wrong = run("demo", "--hparams", y, "--json", out)
     assert wrong.exit_code == 1 and "40" in wrong.output
+    unknown = run("demo", "--set", "no_such_field=1", "--json", out)
+    assert unknown.exit_code == 1 and "no_such_field" in unknown.output
     assert not out.exists()
+    ran = run("demo", "--world", "world-v1", "--clients", 2, "--edits-per-client", 1,
+              "--no-fidelity", "--set", "mom2_update_weight=123.5", "--json", out)
+    assert ran.exit_code == 0, ran.output
+    used = json.loads(out.read_text())["config"]["editor_config"]
+    # what the demo runs without --set: the world's preset, filled from the model
+    preset = make_config(get_editor(DEFAULT_EDITOR), load_world("world-v1").model)
+    preset = preset.model_dump(mode="json")
+    assert used == preset | {"mom2_update_weight": 123.5} and preset["mom2_update_weight"] != 123.5
 
 
 def test_demo_collabedit_matches_global_and_baselines_do_not(tmp_path):

@@ -221,6 +221,12 @@ def demo(
     editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Editor config field, e.g. --set mom2_update_weight=600 (repeatable)."
+        ),
+    ] = None,
     params: Annotated[
         list[str] | None,
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
@@ -236,7 +242,7 @@ def demo(
     its hypernetwork was not trained on), plus relation specificity (RS: how many of the edited
     subjects' other facts survive), and the merge fidelity against Global-Edit. The editor's
     config is the world's preset unless --preset or --hparams names another (a MALMEN
-    hypernetwork trained for a world built here, for instance).
+    hypernetwork trained for a world built here, for instance); --set changes single fields.
     """
     from collabedit.bench.demo import method_rows, run_demo
     from collabedit.editors import get_editor, make_config
@@ -248,9 +254,10 @@ def demo(
         clients = chosen.demo_layout[0] if clients is None else clients
         edits_per_client = chosen.demo_layout[1] if edits_per_client is None else edits_per_client
         bundle = load_world(world)
+        fields = _parse_settings(settings)
         cfg = (
-            make_config(chosen, bundle.model, preset_name, hparams)
-            if preset_name or hparams
+            make_config(chosen, bundle.model, preset_name, hparams, overrides=fields)
+            if preset_name or hparams or fields
             else None
         )
         result = run_demo(
