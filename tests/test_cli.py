@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from collabedit.cli import app
@@ -214,6 +215,38 @@ def test_edit_rejects_bad_layers_before_writing(tmp_path):
     assert result.exit_code == 1
     assert "out of range" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_edit_set_equals_the_same_field_in_a_hparams_file(tmp_path):
+    """`edit --set F=V` writes the delta a hyper-parameter file with F: V writes, bit for bit,
+    and a different delta than without it; a malformed or unknown field is refused by its text
+    before anything is written."""
+    from collabedit.deltas import load_deltas
+
+    reqs = tmp_path / "reqs.json"
+    assert run("world", "requests", "--path", "world-v1", "--n", 2, "--out", reqs).exit_code == 0
+    hp = tmp_path / "memit.yaml"
+    hp.write_text("v_num_grad_steps: 10\nmom2_update_weight: 500\n")
+    base = ["edit", "--model", "world-v1", "--requests", reqs, "--delta"]
+    quick = ["--set", "v_num_grad_steps=10"]
+    outs = {name: tmp_path / f"{name}.safetensors" for name in ("set", "file", "preset")}
+    for name, extra in (
+        ("set", [*quick, "--set", "mom2_update_weight=500"]),
+        ("file", ["--hparams", hp]),
+        ("preset", quick),
+    ):
+        result = run(*base, "--out", outs[name], *extra)
+        assert result.exit_code == 0, result.output
+    by_set, by_file, by_preset = (load_deltas(outs[n])[0] for n in ("set", "file", "preset"))
+    assert set(by_set) == set(by_file) == set(by_preset)
+    for layer in by_set:
+        assert torch.equal(by_set[layer], by_file[layer])
+        assert not torch.allclose(by_set[layer], by_preset[layer], rtol=1e-3, atol=0)
+    for bad in ("mom2_update_weight", "no_such_field=1"):
+        refused = run(*base, "--out", tmp_path / "x.safetensors", "--set", bad)
+        named = bad.split("=")[0]
+        assert refused.exit_code == 1 and named in refused.output, refused.output
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_client_edit_then_server_merge_rounds(tmp_path):

@@ -204,6 +204,12 @@ ParamOpt = Annotated[
     typer.Option("--param", help="Merge-method parameter, repeatable (see `collabedit methods`)."),
 ]
 EditorOpt = Annotated[str | None, typer.Option("--editor", help=_editor_help())]
+EditorSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Editor config field, e.g. --set mom2_update_weight=600 (repeatable)."
+    ),
+]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing non-empty --out folder.")
 ]
@@ -221,12 +227,7 @@ def demo(
     editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
-    settings: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="Editor config field, e.g. --set mom2_update_weight=600 (repeatable)."
-        ),
-    ] = None,
+    settings: EditorSetOpt = None,
     params: Annotated[
         list[str] | None,
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
@@ -356,9 +357,13 @@ def bench(
 
 
 def _parse_settings(items: list[str] | None) -> dict:
+    """--set key=value items as a dict; a malformed item exits with its text."""
     from collabedit.bench import parse_overrides
 
-    return parse_overrides(items or [])
+    try:
+        return parse_overrides(items or [])
+    except ValueError as exc:
+        raise _fail(f"--set: {exc}") from exc
 
 
 def _layers_opt(text: str | None) -> list[int] | None:
@@ -451,7 +456,7 @@ def _bar_progress(bar: Progress):
     return progress
 
 
-def _open_setup(model, editor, preset_name, hparams, layers, bar, origin=None):
+def _open_setup(model, editor, preset_name, hparams, layers, bar, origin=None, overrides=None):
     from collabedit.collab.setup import EditingSetup
 
     try:
@@ -461,6 +466,7 @@ def _open_setup(model, editor, preset_name, hparams, layers, bar, origin=None):
             preset=preset_name,
             hparams=hparams,
             layers=_layers_opt(layers),
+            overrides=overrides,
             origin_fingerprint=origin,
             progress=_bar_progress(bar),
         )
@@ -477,6 +483,7 @@ def edit_cmd(
     preset_name: PresetOpt = None,
     hparams: HparamsOpt = None,
     layers: LayersOpt = None,
+    settings: EditorSetOpt = None,
     delta: Annotated[bool, typer.Option(help="Write only the per-layer deltas.")] = False,
     format: Annotated[str, typer.Option(help="auto, mcf, zsre or jsonl.")] = "auto",
     overwrite: OverwriteOpt = False,
@@ -498,8 +505,9 @@ def edit_cmd(
     except OutputError as exc:
         raise _fail(str(exc)) from exc
     reqs = _load_requests_or_exit(requests, format)
+    fields = _parse_settings(settings)
     with _progress() as bar:
-        setup = _open_setup(model, editor, preset_name, hparams, layers, bar)
+        setup = _open_setup(model, editor, preset_name, hparams, layers, bar, overrides=fields)
         base_fp = arch.fingerprint(setup.model, setup.layers)
         try:
             session = setup.session(reqs, _bar_progress(bar))
