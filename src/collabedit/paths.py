@@ -8,10 +8,16 @@ from pathlib import Path
 _WORLDS = Path(__file__).resolve().parent / "world"
 # the embedded world shipped inside the package (`--model world`), built by the realistic recipe
 DEFAULT_WORLD_DIR = _WORLDS / "default"
-# every world shipped inside the package, by the name `--model` and `--world` take; `world-v1`
-# is the first one (one edited layer, one-token attention below it), kept for comparison
-SHIPPED_WORLDS = {"world": DEFAULT_WORLD_DIR, "world-v1": _WORLDS / "v1"}
-# how help texts name them: "'world' (the default) or 'world-v1'"
+# every world shipped inside the package, by the name `--model` and `--world` take, the older
+# ones kept for comparison: `world-v1` is the first (one edited layer, one-token attention below
+# it), `world-v2` the first realistic one (its layers 1-2 write almost nothing at the subject, so
+# MEMIT's updates there are 50-160 x the weight)
+SHIPPED_WORLDS = {
+    "world": DEFAULT_WORLD_DIR,
+    "world-v1": _WORLDS / "v1",
+    "world-v2": _WORLDS / "v2",
+}
+# how help texts name them: "'world' (the default), 'world-v1' or 'world-v2'"
 _quoted = [f"'{name}'" + (" (the default)" if name == "world" else "") for name in SHIPPED_WORLDS]
 SHIPPED_WORLD_NAMES = ", ".join(_quoted[:-1]) + " or " + _quoted[-1]
 
