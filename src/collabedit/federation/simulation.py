@@ -233,11 +233,12 @@ def simulate(
             [requests[j] for j in range(len(requests)) if j in idx]
             for idx in _split(len(requests), n_clients)
         ]
-        ref = inprocess_reference(settings, split)
+        updates = inprocess_updates(settings, split)
+        ref = inprocess_reference(settings, split, updates)
         result["max_rel_diff_vs_inprocess"] = rel_diff(fed, ref, base)
         floor = summary["reports"][0].get("info", {}).get("noise_floor", 0.0)
         if floor:  # secure aggregation: the same exact sums, solved above the same noise floor
-            ref = inprocess_reference(settings, split, floor=floor)
+            ref = inprocess_reference(settings, split, updates, floor=floor)
             result["max_rel_diff_vs_inprocess_same_floor"] = rel_diff(fed, ref, base)
     else:
         result["max_rel_diff_vs_inprocess"] = None
