@@ -86,6 +86,47 @@ def test_score_targets_reads_the_right_positions():
     assert new_york.token_correct[0] is False
 
 
+def test_pairs_sharing_a_forward_row_score_as_if_each_ran_alone():
+    """score_targets runs pairs with one model input (a prompt with two one-token targets, a
+    repeated pair, a prompt that ends where another pair's target begins) as one row: each score
+    equals the pair's own forward pass of prompt + target[:-1] (float64 model), over
+    batches of two rows, and the progress counts every pair once."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(WORDS), n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=2,
+        eos_token_id=2,
+    )
+    lm = GPT2LMHeadModel(config).double().eval()
+    pairs = [
+        ("Ann speaks", "French"),
+        ("Ann speaks", "English"),  # same input row as the pair above
+        ("Ann speaks", "New York"),  # input "Ann speaks New"
+        ("Ann speaks New", "York"),  # the same input, read one position later
+        ("Bo lives in", "Paris"),
+        ("Ann speaks", "French"),  # a repeated pair
+        ("Cy lives in New", "York Paris"),
+    ]
+    seen = []
+    got = score_targets(lm, tok, pairs, batch_size=2, progress=seen.append)
+    assert sum(seen) == len(pairs) and len(seen) == 2  # 4 distinct rows in batches of 2
+    for (prompt, target), score in zip(pairs, got, strict=True):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        t = tok(" " + target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([p + t[:-1]])).logits[0]
+        lp = torch.log_softmax(logits[len(p) - 1 :], dim=-1)
+        token_lp = lp[torch.arange(len(t)), t]
+        # score_targets reads float32 log-probabilities: rounding at 1e-7, a wrong row or
+        # position at 1e-1
+        assert score.mean_logprob == pytest.approx(float(token_lp.mean()), abs=1e-6)
+        assert score.token_correct == tuple(bool(x) for x in lp.argmax(-1) == torch.tensor(t))
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        score_targets(lm, tok, [("Ann speaks", " ")])
+
+
 def test_counterfact_success_compares_mean_logprobs():
     tok = _tokenizer()
     lm = BigramLM(

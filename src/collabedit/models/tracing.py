@@ -115,10 +115,30 @@ def encode_pair(
     The target is encoded with a leading space, as MEMIT does, so BPE tokenizers pick the
     word-initial pieces; a word-level tokenizer ignores the space.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
-        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
-    if not target_ids:
-        raise ValueError(f"target {target!r} encodes to no tokens")
-    return prompt_ids, target_ids
+    return encode_pairs(tokenizer, [(prompt, target)])[0]
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], list[int]]]:
+    """`encode_pair` of every pair, with each distinct prompt and target text tokenised once, in
+    one batched call each (an evaluation repeats a prompt for several targets and an object for
+    many prompts; per-pair calls were most of its tokenisation time)."""
+    if not pairs:
+        return []
+    prompts = list(dict.fromkeys(p for p, _ in pairs))
+    targets = list(dict.fromkeys(t for _, t in pairs))
+    prompt_ids = dict(
+        zip(prompts, tokenizer(prompts, add_special_tokens=False)["input_ids"], strict=True)
+    )
+    spaced = [" " + t.strip() for t in targets]
+    target_ids = dict(
+        zip(targets, tokenizer(spaced, add_special_tokens=False)["input_ids"], strict=True)
+    )
+    for prompt, ids in prompt_ids.items():
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    for target, ids in target_ids.items():
+        if not ids:
+            raise ValueError(f"target {target!r} encodes to no tokens")
+    return [(list(prompt_ids[p]), list(target_ids[t])) for p, t in pairs]
