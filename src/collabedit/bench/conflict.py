@@ -78,25 +78,27 @@ def run(lab: Lab, cfg: ConflictConfig, log: Log) -> dict:
     kept_ids = {r.case_id for r in kept}
     log(f"[conflict] stage 1: {len(conflicts)} conflicts among {len(announcements)} requests")
 
-    sessions = {id(g): lab.session(g) for g in (*plain_parts, side_a, side_b)}
+    # every merge below starts from the base model (lab.reset), so each client's session, and
+    # the part of it a client keeps, is computed once
+    plain_sessions = [lab.session(part) for part in plain_parts]
+    side_sessions = [lab.session(side) for side in (side_a, side_b)]
 
-    def merge(groups: list[list]) -> None:
-        """One CollabEdit round on the current model, one client per group."""
+    def merge(sessions: list) -> None:
+        """One CollabEdit round on the current model, one client per session."""
         updates = []
-        for g in groups:
-            session = sessions[id(g)] if id(g) in sessions else lab.session(g)
+        for session in sessions:
             updates += lab.client_updates(session, 1)
         apply_deltas(lab.model, lab.merge(updates, "collabedit"))
 
     rows: dict[str, dict] = {}
     lab.reset()
     log("[conflict] plain requests alone")
-    merge(plain_parts)
+    merge(plain_sessions)
     rows["without"] = {"plain": lab.score(plain, cfg.keys)}
 
     lab.reset()
     log("[conflict] plain requests and both sides of every conflict")
-    merge([*plain_parts, side_a, side_b])
+    merge([*plain_sessions, *side_sessions])
     own_check = lab.score(side_a + side_b, cfg.keys)[cfg.keys[0]]
     rows["with"] = {
         "plain": lab.score(plain, cfg.keys),
@@ -106,15 +108,12 @@ def run(lab: Lab, cfg: ConflictConfig, log: Log) -> dict:
 
     lab.reset()
     log("[conflict] losers withdrawn (merge redone without them)")
-    kept_groups = [
-        g
-        for g in (
-            [r for r in side_a if r.case_id in kept_ids],
-            [r for r in side_b if r.case_id in kept_ids],
-        )
-        if g
-    ]
-    merge([*plain_parts, *kept_groups])
+    kept_sessions = []
+    for side, session in zip((side_a, side_b), side_sessions, strict=True):
+        index = [i for i, r in enumerate(side) if r.case_id in kept_ids]
+        if index:
+            kept_sessions.append(session.select(index))
+    merge([*plain_sessions, *kept_sessions])
     rows["withdrawn"] = {
         "plain": lab.score(plain, cfg.keys),
         "kept_wins": _kept_wins(lab, kept, rivals),
