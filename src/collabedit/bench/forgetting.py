@@ -26,6 +26,7 @@ from collabedit.bench.lab import Lab, Log
 from collabedit.collab.protocol import apply_deltas
 from collabedit.editors.base import EditSession
 from collabedit.evaluate.scoring import score_targets
+from collabedit.models import arch
 
 
 class ForgettingConfig(BenchConfig):
@@ -48,10 +49,17 @@ def _moved(deltas: dict, keys: dict) -> float:
 
 
 def _rounds(
-    lab: Lab, cfg: ForgettingConfig, beta1: float, chunks, log: Log, first_session=None
-) -> tuple[list[dict], EditSession]:
-    """The rounds in one covariance mode, and round 1's session: round 1 edits the base model in
-    both modes, so the second mode reuses the first's (its z are the costly part)."""
+    lab: Lab,
+    cfg: ForgettingConfig,
+    beta1: float,
+    chunks,
+    log: Log,
+    known: dict[tuple[int, str], EditSession],
+) -> list[dict]:
+    """The rounds in one covariance mode. `known`: the sessions computed so far, by round and
+    fingerprint of the edited weights the round starts from; a round that starts from the same
+    weights in another mode has the same z, the costly part, and reuses them. Round 1 always
+    does (the base model); so does round 2, since both modes solve round 1 alike."""
     lab.reset()
     sum_s: dict = {}
     rows = []
@@ -59,10 +67,10 @@ def _rounds(
     first_delta: dict = {}
     later: dict = {}
     for t, requests in enumerate(chunks):
-        if t == 0:
-            session = first_session = first_session or lab.session(requests)
-        else:
-            session = lab.session(requests)  # on the global model of this round
+        start = (t, arch.fingerprint(lab.model, lab.layers))
+        if start not in known:
+            known[start] = lab.session(requests)  # on the global model of this round
+        session = known[start]
         updates = lab.client_updates(session, min(cfg.clients, len(requests)), round=t)
         deltas = lab.merge(updates, "collabedit", lab.weighted(sum_s, beta1))
         if t == 0:
@@ -93,15 +101,16 @@ def _rounds(
             f"all so far {so_far[cfg.score_key]:.1f}"
         )
     lab.reset()
-    return rows, first_session
+    return rows
 
 
 def run(lab: Lab, cfg: ForgettingConfig, log: Log) -> dict:
     n = cfg.rounds * cfg.edits_per_round
     requests = lab.requests(n, seed=cfg.seed, form=cfg.form)
     chunks = [requests[i : i + cfg.edits_per_round] for i in range(0, n, cfg.edits_per_round)]
-    immutable, first = _rounds(lab, cfg, 0.0, chunks, log)
-    dynamic, _ = _rounds(lab, cfg, cfg.beta1, chunks, log, first_session=first)
+    known: dict[tuple[int, str], EditSession] = {}
+    immutable = _rounds(lab, cfg, 0.0, chunks, log, known)
+    dynamic = _rounds(lab, cfg, cfg.beta1, chunks, log, known)
     result = {"immutable": immutable, "dynamic": dynamic}
     log("[forgetting] reference: one Global-Edit of all requests")
     result["global_all_at_once"] = lab.compare(requests, 1, ["global"], cfg.keys)["global"]
