@@ -987,13 +987,14 @@ def world_measure(
 def world_build(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the world to.")],
     subjects: Annotated[
-        int, typer.Option(help="Number of subjects (the shipped world has 400).")
+        int, typer.Option(help="Number of subjects (world-v1 has 400, the default world 2,400).")
     ] = 400,
     recipe: Annotated[
         str,
         typer.Option(
-            help="shipped: the shipped world's recipe (one-token keys, one edited layer); "
-            "realistic: contextual keys over several edited layers (docs/realistic-world.md)."
+            help="shipped: world-v1's recipe (one-token keys, one edited layer); realistic: the "
+            "default world's (contextual keys over three edited layers; with --subjects 2400 it "
+            "rebuilds the default world, docs/realistic-world.md)."
         ),
     ] = "shipped",
     max_epochs: Annotated[int | None, typer.Option(help="Epoch budget (default: recipe).")] = None,
