@@ -301,6 +301,8 @@ def test_general_only_global_mlps_learn_from_general_text_alone():
 
 
 def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
+    from pydantic import ValidationError
+
     world, tok = _world_and_tokenizer(20)
     cfg = realistic.RealisticConfig(**TINY, n_inner=32)
     assert (cfg.attention_only_global, cfg.global_mlp_lr_scale) == (False, 0.1)  # the recipe
@@ -324,6 +326,17 @@ def test_global_mlp_lr_scale_puts_exactly_the_global_mlps_in_a_slower_group():
         g["lr_scale"]: {id(p) for p in g["params"]} for g in both.param_groups if "lr_scale" in g
     }
     assert scaled == {0.1: global_mlp, 0.05: name_mlp}
+    # slow_mlp_layers: exactly those local MLPs, in the group of their share
+    slowed = realistic.RealisticConfig(
+        **TINY, n_inner=32, slow_mlp_layers=[1], slow_mlp_lr_scale=0.3
+    )
+    groups = realistic._optimizer(model, slowed).param_groups
+    scaled = {g["lr_scale"]: {id(p) for p in g["params"]} for g in groups if "lr_scale" in g}
+    assert scaled == {0.1: global_mlp, 0.3: {id(p) for p in model.model.layers[1].mlp.parameters()}}
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(ids)
+    for bad in ([0], [2], [1, 1]):  # layer 0 and the global layer have their own shares
+        with pytest.raises(ValidationError, match="slow_mlp_layers"):
+            realistic.RealisticConfig(**TINY, n_inner=32, slow_mlp_layers=bad)
     same = realistic._optimizer(model, cfg.model_copy(update={"name_mlp_lr_scale": 0.1}))
     assert [{id(p) for p in g["params"]} for g in same.param_groups if "lr_scale" in g] == [
         global_mlp | name_mlp
@@ -514,7 +527,9 @@ def test_the_default_world_is_realistic():
     assert bundle.build["kind"].startswith("realistic")
     n = bundle.build["spec"]["n_subjects"]
     assert bundle.build["spec"] == realistic.realistic_spec(n).model_dump()
-    assert bundle.build["train"] == realistic.realistic_config(n).model_dump()
+    # recipe fields added since the build default to leaving it unchanged (slow_mlp_layers [])
+    recipe = realistic.realistic_config(n).model_dump()
+    assert {k: recipe[k] for k in bundle.build["train"]} == bundle.build["train"]
     layers = get_editor("memit").default_config(bundle.model).layers
     assert len(layers) >= 3
     keys = key_contextuality(bundle, layers, n_subjects=30)

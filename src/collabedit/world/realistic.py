@@ -353,6 +353,17 @@ class RealisticConfig(TrainConfig):
         "name's tokens directly and can become the world's fact store by itself, leaving the "
         "edited layers above it little to write at the subject",
     )
+    slow_mlp_layers: list[int] = Field(
+        [],
+        description="local layers above layer 0 whose MLP learns at slow_mlp_lr_scale of the "
+        "learning rate (layer 0 has name_mlp_lr_scale): at scale the lowest MLP that may write "
+        "facts takes nearly all of them (layer 1 in the 2,400-subject default world) and leaves "
+        "the edited layers above it little to write; slowed, it leaves them a share, as "
+        "name_mlp_lr_scale did for layer 0",
+    )
+    slow_mlp_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="the learning-rate share of slow_mlp_layers' MLPs"
+    )
     catalogue_share: float = Field(
         0.5,
         ge=0,
@@ -391,6 +402,13 @@ class RealisticConfig(TrainConfig):
             raise ValueError(
                 "global_mlps_general_only needs attention_only_global=false (zero global MLPs "
                 "learn nothing)"
+            )
+        slow = self.slow_mlp_layers
+        if not all(0 < layer < self.local_layers for layer in slow) or len(set(slow)) != len(slow):
+            raise ValueError(
+                f"slow_mlp_layers: {slow} is not distinct local layers above layer 0 (layers 1-"
+                f"{self.local_layers - 1}; layer 0 has name_mlp_lr_scale, the global layers "
+                "global_mlp_lr_scale)"
             )
         bad = [layer for layer in self.mlp_drop_layers if not 0 <= layer < self.n_layer]
         if bad:
@@ -647,8 +665,9 @@ def bottleneck_masks(
 
 def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only; MLPs that learn at a share of the rate (the
-    global layers' `global_mlp_lr_scale` when they learn, layer 0's `name_mlp_lr_scale`) in groups
-    of their own whose `lr_scale` the schedule multiplies in."""
+    global layers' `global_mlp_lr_scale` when they learn, layer 0's `name_mlp_lr_scale`,
+    `slow_mlp_layers`' `slow_mlp_lr_scale`) in groups of their own whose `lr_scale` the schedule
+    multiplies in."""
     scaled: dict[float, list[torch.nn.Parameter]] = {}
     if cfg.global_mlp_lr_scale != 1.0 and not cfg.attention_only_global:
         for layer in range(cfg.local_layers, cfg.n_layer):
@@ -657,6 +676,11 @@ def _optimizer(model: PreTrainedModel, cfg: RealisticConfig) -> torch.optim.Adam
             )
     if cfg.name_mlp_lr_scale != 1.0 and cfg.local_layers > 0:  # else layer 0 is a global one
         scaled.setdefault(cfg.name_mlp_lr_scale, []).extend(arch.block(model, 0).mlp.parameters())
+    if cfg.slow_mlp_lr_scale != 1.0:
+        for layer in cfg.slow_mlp_layers:
+            scaled.setdefault(cfg.slow_mlp_lr_scale, []).extend(
+                arch.block(model, layer).mlp.parameters()
+            )
     slow_ids = {id(p) for params in scaled.values() for p in params}
     rest = [p for p in model.parameters() if id(p) not in slow_ids]
     groups = [
