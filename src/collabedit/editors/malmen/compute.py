@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from collabedit.models import arch
-from collabedit.models.tracing import capture_mlp_inputs, encode_pair, pad_batch
+from collabedit.models.tracing import capture_mlp_inputs, encode_pairs, pad_batch
 
 
 @dataclass
@@ -48,8 +48,7 @@ class Batch:
 def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> Batch:
     """(prompt, target) pairs as one batch."""
     seqs, rows, cols, labels = [], [], [], []
-    for i, (prompt, target) in enumerate(pairs):
-        p, t = encode_pair(tokenizer, prompt, target)
+    for i, (p, t) in enumerate(encode_pairs(tokenizer, pairs)):
         seqs.append(p + t[:-1])
         for j, tok in enumerate(t):
             rows.append(i)
