@@ -133,16 +133,27 @@ def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monk
     corpus = (tmp_path / "a" / "corpus.txt").read_text().splitlines()
     assert list(iter_corpus("world", model_dir=tmp_path / "a")) == corpus
     assert len(corpus) > len(list(bundle.world.sentences()))
-    # a build stopped after epoch 1 continues from its checkpoint to the same model
+    # a build stopped after epoch 1 continues from its checkpoint to the same model, and
+    # tracing each epoch (here in b only) records where the facts are written without changing
+    # a weight
+    traced = [*sets, "--trace", "5"]
     monkeypatch.setattr(realistic, "measure_recall", _stop_after_epoch_1(realistic.measure_recall))
-    stopped = runner.invoke(app, [*args, str(tmp_path / "b"), "--max-epochs", "2", *sets])
+    stopped = runner.invoke(app, [*args, str(tmp_path / "b"), "--max-epochs", "2", *traced])
     assert stopped.exit_code != 0
     monkeypatch.undo()
-    resumed = runner.invoke(app, [*args, str(tmp_path / "b"), "--max-epochs", "2", *sets])
+    resumed = runner.invoke(app, [*args, str(tmp_path / "b"), "--max-epochs", "2", *traced])
     assert resumed.exit_code == 0, resumed.output
     assert "continuing from the checkpoint" in resumed.output
+    assert "MLP effect at the subject by layer" in resumed.output
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    history = load_world(tmp_path / "b").build["history"]
+    assert [len(h["mlp_trace"]) for h in history] == [TINY["n_layer"]] * 2
+    assert history[0]["mlp_trace"] != history[1]["mlp_trace"]
+    assert all(h["mlp_trace"] is None for h in bundle.build["history"])
+    shipped = runner.invoke(app, ["world", "build", "--out", str(tmp_path / "d"), "--trace", "5"])
+    assert shipped.exit_code == 1 and "--trace" in shipped.output
+    assert not (tmp_path / "d").exists()
     bad = runner.invoke(app, [*args, str(tmp_path / "c"), "--set", "catalog_share=0.1"])
     assert bad.exit_code == 1 and "catalog_share" in bad.output
 

@@ -24,11 +24,11 @@ import torch
 
 from collabedit.bench.lab import CF_KEYS, Lab, Log
 from collabedit.collab.protocol import apply_deltas
-from collabedit.evaluate.trace import average_trace
 from collabedit.models import arch
 from collabedit.models.tracing import capture_mlp_inputs, pad_batch, subject_last_index
 from collabedit.world.generator import FILLERS
 from collabedit.world.store import WorldBundle
+from collabedit.world.train import subject_trace
 
 MEASUREMENTS_FILE = "measurements.json"
 
@@ -97,16 +97,6 @@ def covariance_rank(regulariser: dict[int, torch.Tensor]) -> dict[str, dict[str,
             "eig_above_1e-10": int((eig > 1e-10 * top).sum()),
         }
     return out
-
-
-def subject_trace(bundle: WorldBundle, n_facts: int = 40, seed: int = 1) -> dict:
-    world, rng = bundle.world, random.Random(seed)
-    facts = []
-    for s in rng.sample(world.subjects, min(n_facts, len(world.subjects))):
-        rel = rng.choice(world.relations)
-        facts.append((rng.choice(rel.statements), s, world.facts[s][rel.id]))
-    trace = average_trace(bundle.model, bundle.tokenizer, facts, samples=5)
-    return {k: trace[k] for k in ("hidden", "mlp", "clean", "corrupted", "n_facts")}
 
 
 def output_change(delta: torch.Tensor, weight: torch.Tensor, second_moment: torch.Tensor) -> float:
@@ -204,7 +194,7 @@ def measure_world(
     result["keys"] = key_contextuality(bundle, layers, seed=seed)
     log("[keys] " + str(result["keys"]))
     result["covariance"] = covariance_rank(lab.setup.regulariser)
-    result["trace"] = subject_trace(bundle, trace_facts)
+    result["trace"] = subject_trace(bundle.model, bundle.tokenizer, bundle.world, trace_facts)
     log("[trace] hidden " + ", ".join(f"{v:.3f}" for v in result["trace"]["hidden"]))
     result["edits"] = []
     for n in sizes:

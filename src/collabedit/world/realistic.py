@@ -58,6 +58,7 @@ from collabedit.world.train import (
     _save_checkpoint,
     build_model,
     measure_recall,
+    subject_trace,
 )
 
 GENERAL_FILE = "general.txt"
@@ -699,9 +700,12 @@ def train_realistic(
     checkpoint: Path | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
+    trace_facts: int = 0,
 ) -> tuple[PreTrainedModel, list[dict]]:
     """train.py's schedule (constant rate until sample recall reaches `switch_recall`, then
-    `cooldown_epochs` of linear decay), on facts + general text; checkpoint after every epoch."""
+    `cooldown_epochs` of linear decay), on facts + general text; checkpoint after every epoch.
+    With `trace_facts`, each epoch also records the MLPs' causal trace at the subject over that
+    many facts (`mlp_trace`), to see early which layers take the facts; it changes no weight."""
     rng = random.Random(cfg.seed)
     model = build_model(cfg, tokenizer)
     if cfg.attention_only_global:
@@ -798,6 +802,10 @@ def train_realistic(
         train_seconds = time.perf_counter() - start
         keep["rows"] = None
         recall = measure_recall(model, tokenizer, world, sample=cfg.recall_sample, seed=epoch)
+        mlp_trace = None
+        if trace_facts:
+            model.eval()
+            mlp_trace = subject_trace(model, tokenizer, world, trace_facts)["mlp"]
         model.train()
         entry = {
             "epoch": epoch,
@@ -809,6 +817,7 @@ def train_realistic(
             ),
             "readout_losses": {str(k): sum(v) / len(v) for k, v in readouts.items()} or None,
             "sample_recall": recall["recall"],
+            "mlp_trace": mlp_trace,
             "cooldown": cooldown_left is not None,
             "steps": n_steps,
             "train_seconds": train_seconds,
@@ -853,6 +862,7 @@ def build_realistic_world(
     on_epoch: Callable[[int, dict], None] | None = None,
     corpus_general: int = 50_000,
     on_step: Callable[[int, int, int, float], None] | None = None,
+    trace_facts: int = 0,
 ) -> WorldBundle:
     """Generate, train (resumable), measure recall on every prompt, save a world folder that
     `load_world` reads, plus `corpus.txt` (facts + general text) for covariance statistics."""
@@ -862,7 +872,7 @@ def build_realistic_world(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, history = train_realistic(
-        world, tokenizer, cfg, checkpoint_path(out), on_epoch, on_step
+        world, tokenizer, cfg, checkpoint_path(out), on_epoch, on_step, trace_facts
     )
     recall = measure_recall(model, tokenizer, world)
     build = {

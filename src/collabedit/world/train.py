@@ -46,6 +46,7 @@ from transformers import (
 
 from collabedit import io
 from collabedit.evaluate.scoring import score_targets
+from collabedit.evaluate.trace import average_trace
 from collabedit.world.generator import FILLERS, World
 
 
@@ -146,6 +147,25 @@ def fact_prompts(world: World, with_fillers: bool = False) -> list[tuple[str, st
                 prompt = f"{rng.choice(FILLERS)} {prompt}"
             items.append((f"{rel.id}/{k}", prompt, obj))
     return items
+
+
+def subject_trace(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    n_facts: int = 40,
+    seed: int = 1,
+) -> dict:
+    """The causal trace at the subject's last token, averaged over `n_facts` facts drawn with
+    `seed` (one relation and phrasing each): which layers' MLPs write the facts there, the ones
+    MEMIT should edit. Uses no global random state, so it can run between training epochs."""
+    rng = random.Random(seed)
+    facts = []
+    for s in rng.sample(world.subjects, min(n_facts, len(world.subjects))):
+        rel = rng.choice(world.relations)
+        facts.append((rng.choice(rel.statements), s, world.facts[s][rel.id]))
+    trace = average_trace(model, tokenizer, facts, samples=5)
+    return {k: trace[k] for k in ("hidden", "mlp", "clean", "corrupted", "n_facts")}
 
 
 def measure_recall(
