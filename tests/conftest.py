@@ -14,6 +14,7 @@ FLOWER_FILES = {"test_federation_flower.py", "test_round_paths.py"}
 FLOWER_TESTS = {"test_ridge_runs_through_a_flower_simulation"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in FLOWER_FILES or item.originalname in FLOWER_TESTS:
