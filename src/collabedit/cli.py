@@ -316,6 +316,8 @@ def bench(
     ] = None,
     world: Annotated[Path | None, typer.Option(help=_WORLD_HELP)] = None,
     editor: Annotated[str, typer.Option(help=_editor_help())] = DEFAULT_EDITOR,
+    preset_name: PresetOpt = None,
+    hparams: HparamsOpt = None,
     params: Annotated[
         list[str] | None,
         typer.Option("--param", help="METHOD.NAME=VALUE, e.g. ties.top_k=0.2 (repeatable)."),
@@ -324,11 +326,14 @@ def bench(
     json_out: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG figure.")] = None,
 ) -> None:
-    """Run one of the paper's experiments in-process on the embedded world."""
+    """Run one of the paper's experiments in-process on the embedded world. The editor's config
+    is the world's preset unless --preset or --hparams names another."""
     from pydantic import ValidationError
 
     from collabedit.bench import BENCHES, make_config, run_bench
     from collabedit.bench.lab import Lab
+    from collabedit.editors import get_editor
+    from collabedit.editors import make_config as make_editor_config
     from collabedit.world.store import load_world
 
     try:
@@ -341,8 +346,13 @@ def bench(
     method_params = _method_params(params)
     try:
         bundle = load_world(world)
-        lab = Lab.open(bundle, editor=editor, method_params=method_params)
-    except (FileNotFoundError, ValueError) as exc:
+        editor_cfg = (
+            make_editor_config(get_editor(editor), bundle.model, preset_name, hparams)
+            if preset_name or hparams
+            else None
+        )
+        lab = Lab.open(bundle, editor_cfg, editor=editor, method_params=method_params)
+    except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     log = lambda m: console.print(m, style="dim", markup=False)  # noqa: E731
     result = run_bench(name, lab, cfg, log=log)
