@@ -30,10 +30,18 @@ from collabedit.federation.simulation import (
 # world folder.
 MODEL = os.environ.get("COLLABEDIT_FED_TEST_MODEL", "world-v1")
 SAMPLES = 500  # texts for C: small and the same on both sides of every comparison
+# a short z optimisation: these tests check the rounds' bookkeeping, not edit quality
+QUICK_Z = json.dumps({"v_num_grad_steps": 20})
 
 
 def settings(tmp: Path, **kw) -> ServerSettings:
-    base = dict(model=MODEL, mom2_samples=SAMPLES, state_dir=str(tmp / "server"), min_clients=1)
+    base = dict(
+        model=MODEL,
+        mom2_samples=SAMPLES,
+        state_dir=str(tmp / "server"),
+        min_clients=1,
+        editor_config=QUICK_Z,
+    )
     return ServerSettings(**(base | kw))
 
 
