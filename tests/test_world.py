@@ -131,13 +131,12 @@ def test_stopped_training_continues_from_its_checkpoint_to_the_same_model(tmp_pa
                       cooldown_epochs=2)
     straight, history = train_world_model(world, tok, cfg)
 
-    def stop_in_epoch_2(epoch: int, entry: dict) -> None:
-        if epoch == 2:
-            raise _Stop  # before epoch 2's checkpoint: the file holds epoch 1
+    def stop_after_epoch_1(epoch: int, entry: dict) -> None:
+        raise _Stop  # on_epoch runs after the checkpoint: the file holds epoch 1
 
     ckpt = tmp_path / "ckpt.pt"
     with pytest.raises(_Stop):
-        train_world_model(world, tok, cfg, on_epoch=stop_in_epoch_2, checkpoint=ckpt)
+        train_world_model(world, tok, cfg, on_epoch=stop_after_epoch_1, checkpoint=ckpt)
     resumed, resumed_history = train_world_model(world, tok, cfg, checkpoint=ckpt)
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

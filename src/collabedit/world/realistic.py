@@ -53,9 +53,8 @@ from collabedit.world.store import (
 )
 from collabedit.world.tokenizer import build_tokenizer
 from collabedit.world.train import (
+    EpochSchedule,
     TrainConfig,
-    _load_checkpoint,
-    _save_checkpoint,
     build_model,
     measure_recall,
     subject_trace,
@@ -702,7 +701,7 @@ def train_realistic(
     on_step: Callable[[int, int, int, float], None] | None = None,
     trace_facts: int = 0,
 ) -> tuple[PreTrainedModel, list[dict]]:
-    """train.py's schedule (constant rate until sample recall reaches `switch_recall`, then
+    """`EpochSchedule` (constant rate until sample recall reaches `switch_recall`, then
     `cooldown_epochs` of linear decay), on facts + general text; checkpoint after every epoch.
     With `trace_facts`, each epoch also records the MLPs' causal trace at the subject over that
     many facts (`mlp_trace`), to see early which layers take the facts; it changes no weight."""
@@ -716,15 +715,11 @@ def train_realistic(
             down.weight.requires_grad_(False)
     opt = _optimizer(model, cfg)
     pad = tokenizer.pad_token_id
-    history: list[dict] = []
-    step, cooldown_left, first_epoch = 0, None, 1
-    if checkpoint is not None and Path(checkpoint).is_file():
-        saved = _load_checkpoint(Path(checkpoint), model, opt, rng, cfg)
-        history, step, cooldown_left = saved["history"], saved["step"], saved["cooldown_left"]
-        first_epoch = saved["epoch"] + 1
-        if saved["done"]:
-            model.eval()
-            return model, history
+    schedule = EpochSchedule(cfg, checkpoint)
+    schedule.resume(model, opt, rng)
+    if schedule.finished:
+        model.eval()
+        return model, schedule.history
     general_batch: dict[str, torch.Tensor] = {}
     hooks = (
         _general_only_gradients(model, range(cfg.local_layers, cfg.n_layer), general_batch)
@@ -735,10 +730,9 @@ def train_realistic(
     if cfg.drops_mlps:
         hooks += _mlp_drop(model, cfg.mlp_drop_layers, keep)
     model.train()
-    for epoch in range(first_epoch, cfg.max_epochs + 1):
+    for epoch in schedule.epochs():
         start = time.perf_counter()
-        if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
-            cooldown_left = cfg.max_epochs - epoch + 1
+        schedule.start_epoch(epoch)
         rows, weights, spans, general, catalogue = _rows(world, tokenizer, cfg, rng)
         shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
         order = torch.randperm(len(rows), generator=shuffle)
@@ -749,24 +743,18 @@ def train_realistic(
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
         losses, readouts = [], {layer: [] for layer in cfg.readout_layers}
         for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
-            if step < cfg.warmup_steps:
-                scale = (step + 1) / cfg.warmup_steps
-            elif cooldown_left is not None:
-                done = (cfg.cooldown_epochs - cooldown_left + i / n_steps) / cfg.cooldown_epochs
-                scale = 1.0 - 0.95 * min(1.0, done)
-            else:
-                scale = 1.0
+            scale = schedule.lr_scale(i, n_steps)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * scale * group.get("lr_scale", 1.0)
             batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
-            if cfg.subject_bottleneck and (cooldown_left is None or cfg.bottleneck_in_cooldown):
+            if cfg.subject_bottleneck and (not schedule.cooling or cfg.bottleneck_in_cooldown):
                 mask = bottleneck_masks(
                     batch, spans[b : b + cfg.rows_per_batch], pad, cfg.window_size
                 )
             else:
                 mask = (batch != pad).long()
             general_batch["mask"] = general[b : b + cfg.rows_per_batch]
-            dropping = cfg.drops_mlps and cooldown_left is None
+            dropping = cfg.drops_mlps and not schedule.cooling
             keep["rows"] = keeps[b : b + cfg.rows_per_batch] if dropping else None
             out = model(
                 input_ids=batch,
@@ -796,7 +784,7 @@ def train_realistic(
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            step += 1
+            schedule.took_step()
             if on_step is not None:
                 on_step(epoch, i + 1, n_steps, loss.item())
         train_seconds = time.perf_counter() - start
@@ -818,33 +806,12 @@ def train_realistic(
             "readout_losses": {str(k): sum(v) / len(v) for k, v in readouts.items()} or None,
             "sample_recall": recall["recall"],
             "mlp_trace": mlp_trace,
-            "cooldown": cooldown_left is not None,
+            "cooldown": schedule.cooling,
             "steps": n_steps,
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - start,
         }
-        history.append(entry)
-        done = epoch == cfg.max_epochs
-        if cooldown_left is not None:
-            cooldown_left -= 1
-            done = done or cooldown_left == 0
-        elif recall["recall"] >= cfg.switch_recall:
-            cooldown_left = cfg.cooldown_epochs
-        if checkpoint is not None:
-            _save_checkpoint(
-                Path(checkpoint),
-                model,
-                opt,
-                rng,
-                {
-                    "config": cfg.model_dump(),
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "cooldown_left": cooldown_left,
-                    "done": done,
-                },
-            )
+        done = schedule.end_epoch(epoch, entry, model, opt, rng)
         if on_epoch is not None:
             on_epoch(epoch, entry)
         if done:
@@ -852,7 +819,7 @@ def train_realistic(
     for handle in hooks:
         handle.remove()
     model.eval()
-    return model, history
+    return model, schedule.history
 
 
 def build_realistic_world(

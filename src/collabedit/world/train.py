@@ -270,6 +270,83 @@ def _load_checkpoint(path: Path, model, opt, rng: random.Random, cfg: TrainConfi
     return state
 
 
+class EpochSchedule:
+    """The learning-rate schedule and per-epoch bookkeeping both recipes share: linear warm-up
+    over `warmup_steps`, the constant rate until a sample of facts is recalled at
+    `switch_recall` (or the epoch budget runs low), then `cooldown_epochs` of linear decay to 5%
+    of it. With `checkpoint` (a file), the state after every epoch is saved there atomically, and
+    a schedule that finds the file continues from it with the same result as an uninterrupted run.
+    """
+
+    def __init__(self, cfg: TrainConfig, checkpoint: Path | None) -> None:
+        self.cfg = cfg
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.history: list[dict] = []
+        self.step = 0
+        self.cooldown_left: int | None = None
+        self.first_epoch = 1
+        self.finished = False
+
+    def resume(self, model, opt, rng: random.Random) -> None:
+        """Load the checkpoint's weights, optimizer and random state, if there is one."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return
+        saved = _load_checkpoint(self.checkpoint, model, opt, rng, self.cfg)
+        self.history, self.step = saved["history"], saved["step"]
+        self.cooldown_left = saved["cooldown_left"]
+        self.first_epoch = saved["epoch"] + 1
+        self.finished = saved["done"]
+
+    def epochs(self) -> range:
+        return range(self.first_epoch, self.cfg.max_epochs + 1)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Start the decay early enough to finish it within `max_epochs`."""
+        cfg = self.cfg
+        if self.cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
+            self.cooldown_left = cfg.max_epochs - epoch + 1
+
+    @property
+    def cooling(self) -> bool:
+        return self.cooldown_left is not None
+
+    def lr_scale(self, step_in_epoch: int, steps_per_epoch: int) -> float:
+        """The share of `lr` for the next step (then call `took_step`)."""
+        cfg = self.cfg
+        if self.step < cfg.warmup_steps:
+            return (self.step + 1) / cfg.warmup_steps
+        if self.cooldown_left is None:
+            return 1.0
+        elapsed = cfg.cooldown_epochs - self.cooldown_left + step_in_epoch / steps_per_epoch
+        return 1.0 - 0.95 * min(1.0, elapsed / cfg.cooldown_epochs)
+
+    def took_step(self) -> None:
+        self.step += 1
+
+    def end_epoch(self, epoch: int, entry: dict, model, opt, rng: random.Random) -> bool:
+        """Record the epoch, advance the schedule on its sample recall, checkpoint; True when
+        training is done."""
+        cfg = self.cfg
+        self.history.append(entry)
+        done = epoch == cfg.max_epochs
+        if self.cooldown_left is not None:
+            self.cooldown_left -= 1
+            done = done or self.cooldown_left == 0
+        elif entry["sample_recall"] >= cfg.switch_recall:
+            self.cooldown_left = cfg.cooldown_epochs
+        if self.checkpoint is not None:
+            state = {
+                "config": cfg.model_dump(),
+                "epoch": epoch,
+                "step": self.step,
+                "history": self.history,
+                "cooldown_left": self.cooldown_left,
+                "done": done,
+            }
+            _save_checkpoint(self.checkpoint, model, opt, rng, state)
+        return done
+
+
 def train_world_model(
     world: World,
     tokenizer: PreTrainedTokenizerFast,
@@ -300,22 +377,15 @@ def train_world_model(
         betas=(0.9, 0.98),
     )
     pad = tokenizer.pad_token_id
-    history: list[dict] = []
-    step = 0
-    cooldown_left: int | None = None
-    first_epoch = 1
-    if checkpoint is not None and Path(checkpoint).is_file():
-        saved = _load_checkpoint(Path(checkpoint), model, opt, rng, cfg)
-        history, step, cooldown_left = saved["history"], saved["step"], saved["cooldown_left"]
-        first_epoch = saved["epoch"] + 1
-        if saved["done"]:
-            model.eval()
-            return model, history
+    schedule = EpochSchedule(cfg, checkpoint)
+    schedule.resume(model, opt, rng)
+    if schedule.finished:
+        model.eval()
+        return model, schedule.history
     model.train()
-    for epoch in range(first_epoch, cfg.max_epochs + 1):
+    for epoch in schedule.epochs():
         start = time.perf_counter()
-        if cooldown_left is None and epoch > cfg.max_epochs - cfg.cooldown_epochs:
-            cooldown_left = cfg.max_epochs - epoch + 1
+        schedule.start_epoch(epoch)
         rows, weights = _packed_rows(world, tokenizer, cfg, rng)
         shuffle = torch.Generator().manual_seed(rng.randrange(2**31))
         order = torch.randperm(len(rows), generator=shuffle)
@@ -323,15 +393,8 @@ def train_world_model(
         n_steps = math.ceil(len(rows) / cfg.rows_per_batch)
         losses = []
         for i, b in enumerate(range(0, len(rows), cfg.rows_per_batch)):
-            if step < cfg.warmup_steps:
-                scale = (step + 1) / cfg.warmup_steps
-            elif cooldown_left is not None:
-                done = (cfg.cooldown_epochs - cooldown_left + i / n_steps) / cfg.cooldown_epochs
-                scale = 1.0 - 0.95 * min(1.0, done)
-            else:
-                scale = 1.0
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * scale
+                group["lr"] = cfg.lr * schedule.lr_scale(i, n_steps)
             batch, w = rows[b : b + cfg.rows_per_batch], weights[b : b + cfg.rows_per_batch, 1:]
             logits = model(input_ids=batch, attention_mask=(batch != pad).long()).logits
             nll = torch.nn.functional.cross_entropy(
@@ -343,7 +406,7 @@ def train_world_model(
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            step += 1
+            schedule.took_step()
             if on_step is not None:
                 on_step(epoch, i + 1, n_steps, loss.item())
         recall = measure_recall(model, tokenizer, world, sample=cfg.recall_sample, seed=epoch)
@@ -352,34 +415,13 @@ def train_world_model(
             "epoch": epoch,
             "loss": sum(losses) / len(losses),
             "sample_recall": recall["recall"],
-            "cooldown": cooldown_left is not None,
+            "cooldown": schedule.cooling,
             "seconds": time.perf_counter() - start,
         }
-        history.append(entry)
+        done = schedule.end_epoch(epoch, entry, model, opt, rng)
         if on_epoch is not None:
             on_epoch(epoch, entry)
-        done = epoch == cfg.max_epochs
-        if cooldown_left is not None:
-            cooldown_left -= 1
-            done = done or cooldown_left == 0
-        elif recall["recall"] >= cfg.switch_recall:
-            cooldown_left = cfg.cooldown_epochs
-        if checkpoint is not None:
-            _save_checkpoint(
-                Path(checkpoint),
-                model,
-                opt,
-                rng,
-                {
-                    "config": cfg.model_dump(),
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "cooldown_left": cooldown_left,
-                    "done": done,
-                },
-            )
         if done:
             break
     model.eval()
-    return model, history
+    return model, schedule.history
