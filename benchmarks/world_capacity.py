@@ -6,7 +6,9 @@ and update size against the number of edits, for editors, lambdas and edited lay
 
 Each `--run EDITOR:LAMBDA:LAYERS` is measured at every `--n` on the same requests (CounterFact
 form, distinct subjects, `--seed`), from z optimised once per size at the world preset's z layer
-(the last of the preset's layers; every run's layers must end there so that z is shared). Reports
+(the last of the preset's layers; every run's layers must end there so that z is shared). LAMBDA
+is the weight of C at every layer, optionally followed by LAYER=WEIGHT for layers that have their
+own (`memit:200,2=60000:1,2,3`); a run without them weighs every layer alike. Reports
 ES / PS / NS / Score / RS, ||Delta||_F / ||W||_F per layer, the output change on the corpus and
 the share of ||Delta||^2 in the 1% least-used key directions (bench/world_check.py), and seconds
 per run. docs/realistic-world.md (session 6)
@@ -21,9 +23,11 @@ import time
 from pathlib import Path
 
 
-def parse_run(text: str) -> tuple[str, float, list[int]]:
+def parse_run(text: str) -> tuple[str, float, dict[int, float], list[int]]:
     editor, lam, layers = text.split(":")
-    return editor, float(lam), [int(x) for x in layers.split(",")]
+    base, *own = lam.split(",")
+    by_layer = {int(k): float(v) for k, v in (item.split("=") for item in own)}
+    return editor, float(base), by_layer, [int(x) for x in layers.split(",")]
 
 
 def main() -> None:
@@ -41,7 +45,10 @@ def main() -> None:
 
     bundle = load_world(args.world)
     base = Lab.open(bundle, editor="memit")
-    runs = args.run or [("memit", base.cfg.mom2_update_weight, base.layers)]
+    cfg0 = base.cfg
+    runs = args.run or [
+        ("memit", cfg0.mom2_update_weight, cfg0.mom2_update_weight_by_layer, base.layers)
+    ]
     rows = []
     for n in args.n:
         requests = base.requests(n, seed=args.seed)
@@ -49,8 +56,14 @@ def main() -> None:
         z_session = base.session(requests)
         z_seconds = round(time.perf_counter() - t0, 1)
         print(f"[{n} edits] z: {z_seconds} s", flush=True)
-        for editor, lam, layers in runs:
-            cfg = base.cfg.model_copy(update={"mom2_update_weight": lam, "layers": layers})
+        for editor, lam, by_layer, layers in runs:
+            cfg = cfg0.model_copy(
+                update={
+                    "mom2_update_weight": lam,
+                    "mom2_update_weight_by_layer": by_layer,
+                    "layers": layers,
+                }
+            )
             lab = Lab.open(bundle, cfg=cfg, editor=editor)
             t0 = time.perf_counter()
             session = lab.setup.editor.session(
@@ -61,6 +74,7 @@ def main() -> None:
                 "n": n,
                 "editor": editor,
                 "lambda": lam,
+                "lambda_by_layer": by_layer,
                 "layers": layers,
                 **measured,
                 "z_seconds": z_seconds,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -345,6 +346,36 @@ def test_frozen_editor_uses_unedited_keys_for_every_layer(tok):
 
     unedited = compute_keys(model, tok, reqs, [2], templates)[2]
     assert torch.allclose(frozen.layers[1].keys, unedited)
+
+
+def test_a_layer_can_have_its_own_lambda(tok):
+    """mom2_update_weight_by_layer weighs C at one layer only: each layer's update solves its
+    normal equations with its own lambda. The frozen editor reads every layer on the unedited
+    model, so each layer's update is the one a uniform run with that layer's lambda makes."""
+    model = _models(len(tok))["gpt2"].eval()
+    cov = _cov(model, tok, [1, 2])
+    reqs = _requests()
+    own = edit(model, tok, reqs, _cfg(mom2_update_weight_by_layer={2: 50.0}), cov, True, False)
+    at1 = edit(model, tok, reqs, _cfg(), cov, frozen=True, apply=False)
+    at50 = edit(model, tok, reqs, _cfg(mom2_update_weight=50.0), cov, frozen=True, apply=False)
+    assert torch.allclose(own.layers[0].delta, at1.layers[0].delta, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(own.layers[1].delta, at50.layers[1].delta, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(at1.layers[1].delta, at50.layers[1].delta, rtol=1e-3)
+    for le, lam in zip(own.layers, (1.0, 50.0), strict=True):
+        K, R = le.keys.T, le.residuals.T  # (d_in, n), (d_out, n)
+        lhs = (lam * cov[le.layer].double() + K @ K.T) @ le.delta.T
+        assert (lhs - K @ R.T).norm() / (K @ R.T).norm() < 1e-8
+    # z does not depend on lambda: the z cache key ignores the per-layer weights
+    templates = context_templates(model, tok, _cfg())
+    assert z_cache_key(model, reqs, 2, templates, _cfg()) == z_cache_key(
+        model, reqs, 2, templates, _cfg(mom2_update_weight_by_layer={2: 50.0})
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"mom2_update_weight_by_layer.*\[9\] out of range"):
+        edit(model, tok, reqs, _cfg(mom2_update_weight_by_layer={9: 5.0}), cov)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValidationError, match="greater than 0"):
+        _cfg(mom2_update_weight_by_layer={2: 0.0})
 
 
 def test_bad_input_fails_before_any_weight_changes(tok):

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - older transformers: the full forward o
     _DynamicLayer = None
 
 from collabedit import io
-from collabedit.editors.memit.config import MemitConfig
+from collabedit.editors.memit.config import SOLVE_FIELDS, MemitConfig
 from collabedit.models import arch
 from collabedit.models.tracing import (
     capture_block_outputs,
@@ -364,9 +364,7 @@ def z_cache_key(
 ) -> str:
     """Everything z depends on: the whole model, the requests, the layer, the prefixes and the z
     settings (not lambda or the edited layers, which only the solve uses)."""
-    z_fields = cfg.model_dump(
-        exclude={"layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples"}
-    )
+    z_fields = cfg.model_dump(exclude=SOLVE_FIELDS)
     payload = {
         "model": arch.fingerprint(model),
         "requests": [r.model_dump(mode="json") for r in requests],

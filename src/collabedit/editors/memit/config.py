@@ -5,15 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from collabedit.editors.base import EditorConfig
+
+# Fields only the closed-form solve reads: z, the target vectors, does not depend on them, so a
+# session's z serves any values of these (and the z cache key leaves them out).
+SOLVE_FIELDS = frozenset(
+    {
+        "layers",
+        "mom2_update_weight",
+        "mom2_update_weight_by_layer",
+        "mom2_dataset",
+        "mom2_n_samples",
+    }
+)
 
 
 class MemitConfig(EditorConfig):
     """Field names follow MEMIT / EasyEdit where they mean the same thing."""
 
     mom2_update_weight: float = Field(15000.0, gt=0, description="lambda, weight of C")
+    mom2_update_weight_by_layer: dict[int, PositiveFloat] = Field(
+        default_factory=dict,
+        description="lambda of a layer, where it differs from mom2_update_weight; applies when "
+        "that layer is edited",
+    )
     mom2_dataset: str = Field("world", description="corpus for C: 'world', a text file, HF id")
     mom2_n_samples: int = Field(100_000, ge=1, description="texts used for C")
     v_num_grad_steps: int = Field(25, ge=1, description="optimiser steps for each target z")
@@ -41,6 +58,10 @@ class MemitConfig(EditorConfig):
         description="memory budget of the z optimisation (MB): requests are optimised in blocks "
         "whose cached states and activations fit it, so the peak does not grow with their number",
     )
+
+    def update_weight(self, layer: int) -> float:
+        """lambda, the weight of C, at `layer`."""
+        return self.mom2_update_weight_by_layer.get(layer, self.mom2_update_weight)
 
 
 PRESETS: dict[str, MemitConfig] = {

@@ -31,7 +31,12 @@ from collabedit.editors.memit.compute import (
     current_outputs,
     optimise_z,
 )
-from collabedit.editors.memit.config import PRESETS, MemitConfig, from_easyedit_yaml
+from collabedit.editors.memit.config import (
+    PRESETS,
+    SOLVE_FIELDS,
+    MemitConfig,
+    from_easyedit_yaml,
+)
 from collabedit.models import arch
 from collabedit.models.tracing import subject_last_index
 from collabedit.requests import EditRequest
@@ -160,6 +165,7 @@ class Memit(Editor):
     ) -> dict[int, torch.Tensor]:
         """lambda C_0 per layer; C_0 cached on disk by the base model's fingerprint."""
         layers = self.layers(model, cfg)
+        check_update_weights(model, cfg)  # before the statistics, which can take minutes
 
         def stats_progress(texts: int, tokens: int) -> None:
             if progress is not None:
@@ -175,7 +181,7 @@ class Memit(Editor):
             progress=stats_progress,
             fingerprint=base_fingerprint,
         )
-        return {layer: cfg.mom2_update_weight * stats[layer].mom2.double() for layer in layers}
+        return weigh_covariances(model, cfg, {layer: stats[layer].mom2 for layer in layers})
 
     def session(
         self,
@@ -200,10 +206,27 @@ class Memit(Editor):
 
 def _same_z(other: MemitSession, model: PreTrainedModel, cfg: MemitConfig) -> bool:
     layers = arch.check_layers(model, cfg.layers or arch.default_layers(model))
-    z_fields = {"layers", "mom2_update_weight", "mom2_dataset", "mom2_n_samples"}
-    return layers[-1] == other.layers[-1] and cfg.model_dump(exclude=z_fields) == (
-        other.cfg.model_dump(exclude=z_fields)
+    return layers[-1] == other.layers[-1] and cfg.model_dump(exclude=SOLVE_FIELDS) == (
+        other.cfg.model_dump(exclude=SOLVE_FIELDS)
     )
+
+
+def check_update_weights(model: PreTrainedModel, cfg: MemitConfig) -> None:
+    """A per-layer lambda must name layers the model has (a typo would otherwise go unused)."""
+    named = sorted(cfg.mom2_update_weight_by_layer)
+    if named:
+        try:
+            arch.check_layers(model, named)
+        except ValueError as exc:
+            raise ValueError(f"mom2_update_weight_by_layer: {exc}") from exc
+
+
+def weigh_covariances(
+    model: PreTrainedModel, cfg: MemitConfig, covariances: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """A0 = lambda C per layer (float64), lambda the layer's own where the config gives one."""
+    check_update_weights(model, cfg)
+    return {k: cfg.update_weight(k) * c.double() for k, c in covariances.items()}
 
 
 class MemitFrozen(Memit):
@@ -229,7 +252,8 @@ def edit(
     missing = [layer for layer in layers if layer not in covariances]
     if missing:
         raise ValueError(f"no covariance statistics for layer(s) {missing}")
+    check_update_weights(model, cfg)
     editor = MemitFrozen() if frozen else Memit()
     session = editor.session(model, tokenizer, requests, cfg, progress, z=z)
-    a0 = {k: cfg.mom2_update_weight * c.double() for k, c in covariances.items()}
+    a0 = weigh_covariances(model, cfg, covariances)
     return closed_form_edit(session, a0, apply=apply)
