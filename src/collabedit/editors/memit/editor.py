@@ -181,7 +181,7 @@ class Memit(Editor):
             progress=stats_progress,
             fingerprint=base_fingerprint,
         )
-        return weigh_covariances(model, cfg, {layer: stats[layer].mom2 for layer in layers})
+        return weigh_covariances(cfg, {layer: stats[layer].mom2 for layer in layers})
 
     def session(
         self,
@@ -222,10 +222,10 @@ def check_update_weights(model: PreTrainedModel, cfg: MemitConfig) -> None:
 
 
 def weigh_covariances(
-    model: PreTrainedModel, cfg: MemitConfig, covariances: dict[int, torch.Tensor]
+    cfg: MemitConfig, covariances: dict[int, torch.Tensor]
 ) -> dict[int, torch.Tensor]:
-    """A0 = lambda C per layer (float64), lambda the layer's own where the config gives one."""
-    check_update_weights(model, cfg)
+    """A0 = lambda C per layer (float64), lambda the layer's own where the config gives one.
+    Callers check the config first (`check_update_weights`), before any expensive work."""
     return {k: cfg.update_weight(k) * c.double() for k, c in covariances.items()}
 
 
@@ -255,5 +255,5 @@ def edit(
     check_update_weights(model, cfg)
     editor = MemitFrozen() if frozen else Memit()
     session = editor.session(model, tokenizer, requests, cfg, progress, z=z)
-    a0 = weigh_covariances(model, cfg, covariances)
+    a0 = weigh_covariances(cfg, covariances)
     return closed_form_edit(session, a0, apply=apply)
