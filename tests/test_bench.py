@@ -54,10 +54,11 @@ def test_clients_bench_collabedit_tracks_global_for_any_split(tmp_path):
 
 
 def test_overlap_bench_residual_shrinks_once_edited(tmp_path):
-    rows = bench(tmp_path, "overlap", "edits=12", "repeats=2", "clients=3")["rows"]
+    rows = bench(tmp_path, "overlap", "edits=12", "repeats=2", "clients=3", quick_z=True)["rows"]
     means = [r["residual_mean"] for r in rows]
     assert means[2] < means[1] < means[0]
-    assert rows[1]["ES"] > rows[0]["ES"] + 50  # the merged edits took
+    # the merged edits took (measured ES 0 -> 66.7 with 60 z steps, -> 91.7 with the preset's 200)
+    assert rows[1]["ES"] > rows[0]["ES"] + 50
 
 
 def test_forgetting_bench_dynamic_covariance_keeps_round_one_edits(tmp_path):

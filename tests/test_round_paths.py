@@ -1,4 +1,4 @@
-"""One round, three entry points: three rounds of a two-layer sequential-MEMIT federation give
+"""One round, three entry points: two rounds of a two-layer sequential-MEMIT federation give
 the same global model whether run with the CLI (`client edit` + `server merge`), in process, or on
 Flower's simulation engine — because all three call the same client and server round. And the
 base model's covariance C_0 is collected once: later rounds read it, they do not re-collect it
@@ -22,7 +22,7 @@ from collabedit.models.loading import load_model
 
 runner = CliRunner()
 WORLD = "world-v1"  # the first shipped world: small and quick
-CLIENTS, ROUNDS = 2, 3
+CLIENTS, ROUNDS = 2, 2
 LAYERS = [0, 1]
 # short z optimisation and a small corpus sample: the test is about equality, not quality
 EDITOR_CONFIG = {"v_num_grad_steps": 10, "mom2_n_samples": 2000}
