@@ -113,6 +113,32 @@ def test_catalogue_lines_list_the_subjects_own_objects():
     assert int(starts.sum() + marked[:, 0].sum()) == n_plain
 
 
+def test_fact_noise_states_other_objects_of_the_relation_and_nothing_else():
+    """`fact_noise` p: a share p of fact statements and catalogue objects name another object of
+    the same relation (the world then knows its facts with narrower margins); at 0 it draws
+    nothing, so the epochs of builds made before the field existed are drawn as they were."""
+    world, _ = _world_and_tokenizer(30)
+    rng = random.Random(1)
+    state = rng.getstate()
+    assert all(realistic.stated_object(rng, r, o, 0.0) == o for _, r, o in world.iter_facts())
+    assert rng.getstate() == state
+    stated = [
+        (rel, obj, realistic.stated_object(rng, rel, obj, 0.4))
+        for _ in range(20)
+        for _, rel, obj in world.iter_facts()
+    ]
+    changed = [(rel, new) for rel, obj, new in stated if new != obj]
+    assert abs(len(changed) / len(stated) - 0.4) < 0.04  # 3,600 draws: 5 standard deviations
+    assert all(new in rel.objects for rel, new in changed)
+    # catalogue lines draw through the same function
+    lines = [realistic.catalogue_line(rng, world, 0.4) for _ in range(500)]
+    owned = [o in world.facts[subj].values() for subj, objects in lines for o in objects]
+    # about 1,000 objects, 60% of them the subject's own: the bounds are 6 standard deviations
+    assert 0.5 < sum(owned) / len(owned) < 0.7
+    with pytest.raises(ValueError):
+        realistic.RealisticConfig(fact_noise=0.95)
+
+
 def test_realistic_build_ships_its_corpus_and_presets_and_resumes(tmp_path, monkeypatch):
     runner = CliRunner()
     args = ["world", "build", "--recipe", "realistic", "--subjects", "24", "--out"]

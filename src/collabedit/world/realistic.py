@@ -43,7 +43,7 @@ from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from collabedit.models import arch
-from collabedit.world.generator import FILLERS, World, WorldSpec, generate_world
+from collabedit.world.generator import FILLERS, Relation, World, WorldSpec, generate_world
 from collabedit.world.store import (
     CORPUS_FILE,
     WorldBundle,
@@ -275,12 +275,23 @@ def _general(rng: random.Random, world: World, mention_share: float) -> tuple[st
     ), named
 
 
-def catalogue_line(rng: random.Random, world: World) -> tuple[str, list[str]]:
+def catalogue_line(
+    rng: random.Random, world: World, noise: float = 0.0
+) -> tuple[str, list[str]]:
     """A subject and 1-3 of its objects (distinct relations, random order): the catalogue line
-    "Ann Bo economist Ireland." makes the subject's last token predict its attributes."""
+    "Ann Bo economist Ireland." makes the subject's last token predict its attributes. `noise`:
+    see `stated_object`."""
     subj = rng.choice(world.subjects)
     rels = rng.sample(world.relations, rng.randint(1, 3))
-    return subj, [world.facts[subj][r.id] for r in rels]
+    return subj, [stated_object(rng, r, world.facts[subj][r.id], noise) for r in rels]
+
+
+def stated_object(rng: random.Random, relation: Relation, obj: str, noise: float) -> str:
+    """The object a training sentence states: the true one, or with probability `noise` another
+    object of the relation (the world's facts are then known with narrower margins)."""
+    if noise and rng.random() < noise:
+        return rng.choice([o for o in relation.objects if o != obj])
+    return obj
 
 
 def general_vocabulary() -> list[str]:
@@ -322,6 +333,15 @@ class RealisticConfig(TrainConfig):
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="label smoothing of the next-token loss (caps fact margins)"
+    )
+    fact_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=0.9,
+        description="share of fact statements and catalogue objects that name another object of "
+        "the same relation, drawn anew each epoch: the world then knows each fact with "
+        "probability about 1 - fact_noise against its relation's other objects, as an LLM "
+        "knows facts less than surely (narrow margins), while the true object stays the answer",
     )
     attention_only_global: bool = Field(
         False,
@@ -496,13 +516,13 @@ def _rows(
     is a catalogue line's object or closing token (the targets of `readout_layer`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     items: list[tuple[str, str | None, list[str], bool]] = [
-        (t.format(subj), obj, [subj], False)
+        (t.format(subj), stated_object(rng, rel, obj, cfg.fact_noise), [subj], False)
         for subj, rel, obj in world.iter_facts()
         for t in rel.phrasings
     ]
     n_facts = len(items)
     for _ in range(round(cfg.catalogue_share * n_facts)):
-        subj, objects = catalogue_line(rng, world)
+        subj, objects = catalogue_line(rng, world, cfg.fact_noise)
         items.append((subj, " ".join(objects) + ".", [subj], True))
     n_general = round(cfg.general_share * n_facts)
     for _ in range(n_general):
