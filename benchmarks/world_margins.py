@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from collabedit.bench.lab import Lab
+from collabedit.io import write_json
 from collabedit.world.store import load_world
 
 
@@ -40,13 +41,12 @@ def margins(world: str, n: int, seed: int) -> dict:
             lead.append(float(lp[true] - others.max()))
             vs_new.append(float(lp[true] - lp[new]))
             p_true.append(float(lp[true].exp()))
-    tenth = statistics.quantiles(lead, n=10)[0]
     return {
         "world": world,
         "n": n,
         "seed": seed,
         "lead_median": statistics.median(lead),
-        "lead_p10": tenth,
+        "lead_p10": statistics.quantiles(lead, n=10)[0],
         "lead_min": min(lead),
         "vs_new_median": statistics.median(vs_new),
         "vs_new_p10": statistics.quantiles(vs_new, n=10)[0],
@@ -65,8 +65,7 @@ def main() -> None:
     out = margins(args.world, args.n, args.seed)
     print(json.dumps(out, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":
