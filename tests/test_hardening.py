@@ -37,6 +37,7 @@ from collabedit.world.edit_requests import world_requests
 from collabedit.world.store import load_world
 
 runner = CliRunner()
+QUICK_Z = {"v_num_grad_steps": 20}
 
 
 def run(*args):
@@ -46,10 +47,14 @@ def run(*args):
 @pytest.fixture(scope="module")
 def world_round(tmp_path_factory):
     """The shipped world-v1 (one edited layer, quick), its setup, two clients' 2-request updates
-    of round 0 (files), and a copy of the world folder to use as --model."""
+    of round 0 (files), a copy of the world folder to use as --model, and `quick.yaml`, the
+    setup's z settings for `client edit --hparams`. These tests check what the server accepts
+    and writes, not how well an edit takes, so z runs 20 steps instead of the preset's 200."""
     tmp = tmp_path_factory.mktemp("hardening")
     bundle = load_world("world-v1")
-    setup = EditingSetup.open((bundle.model, bundle.tokenizer), "memit-frozen")
+    setup = EditingSetup.open((bundle.model, bundle.tokenizer), "memit-frozen",
+                              overrides=QUICK_Z)
+    (tmp / "quick.yaml").write_text("".join(f"{k}: {v}\n" for k, v in QUICK_Z.items()))
     reqs = world_requests(bundle.world, 4, seed=11)
     paths = []
     for i in range(2):
@@ -375,7 +380,7 @@ def test_cover_keys_pass_the_bounds_and_act_as_regulariser(world_round, tmp_path
     cover.write_text("\n".join(r.rewrite_prompt for r in reqs) + "\n")
     out = tmp_path / "covered.safetensors"
     result = run("client", "edit", "--model", model_dir, "--requests", tmp / "reqs.jsonl",
-                 "--cover-text", cover, "--out", out)
+                 "--hparams", tmp / "quick.yaml", "--cover-text", cover, "--out", out)
     assert result.exit_code == 0, result.output
     covered, plain = load_update(out), load_update(c0)
     assert covered.n_edits == 2 and covered.n_keys == 8
@@ -403,7 +408,8 @@ def test_noisy_updates_need_a_server_that_expects_them(world_round, tmp_path):
     setup, _, model_dir, tmp = world_round
     out = tmp_path / "noisy.safetensors"
     result = run("client", "edit", "--model", model_dir, "--requests", tmp / "reqs.jsonl",
-                 "--noise-scale", "1e-6", "--noise-seed", "0", "--out", out)
+                 "--hparams", tmp / "quick.yaml", "--noise-scale", "1e-6", "--noise-seed", "0",
+                 "--out", out)
     assert result.exit_code == 0, result.output
     checked = run("server", "merge", "--model", model_dir, "--updates", out, "--out",
                   tmp_path / "a", "--json", tmp_path / "a.json")
