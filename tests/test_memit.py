@@ -462,12 +462,14 @@ def test_presets_and_easyedit_yaml(tmp_path):
 
 
 def test_residual_shrinks_when_the_edit_is_already_made():
-    """Overlap signal (the paper's Figure 3): re-editing a made edit needs a smaller residual."""
+    """Overlap signal (the paper's Figure 3): re-editing a made edit needs a smaller residual.
+    z runs 60 steps, not the preset's 200 (measured on one thread, relative residual after the
+    edit over before: 0.23 at 200 steps, 0.32 at 60, 0.53 at 30)."""
     from collabedit.world.edit_requests import world_requests
     from collabedit.world.store import load_world
 
     b = load_world("world-v1")
-    cfg = preset("world").model_copy(update={"mom2_n_samples": 3000})
+    cfg = preset("world").model_copy(update={"mom2_n_samples": 3000, "v_num_grad_steps": 60})
     reqs = world_requests(b.world, 10, seed=11)
     cov = {
         k: s.mom2 for k, s in layer_stats(b.model, b.tokenizer, cfg.layers, "world", 3000).items()
