@@ -584,9 +584,9 @@ def test_the_default_world_is_realistic():
 
 def test_world_measure_tries_other_layers_without_touching_the_world(tmp_path):
     """`world measure --layers/--set` measures another layer set (here world-v1's layers 0-1
-    instead of its preset's layer 1, statistics from 400 texts to keep it quick) and writes only
-    --json; a bad field or layer is refused with its name, and the world folder gains no
-    measurements.json either way."""
+    instead of its preset's layer 1; statistics from 400 texts and a 20-step z keep it quick)
+    and writes only --json; a bad field or layer is refused with its name, and the world folder
+    gains no measurements.json either way."""
     import shutil
 
     from collabedit.paths import SHIPPED_WORLDS
@@ -594,13 +594,15 @@ def test_world_measure_tries_other_layers_without_touching_the_world(tmp_path):
     shutil.copytree(SHIPPED_WORLDS["world-v1"], tmp_path / "w")
     base = ["world", "measure", "--path", str(tmp_path / "w"), "--edits", "4"]
     json_file = str(tmp_path / "m.json")
-    other = ["--layers", "0,1", "--set", "mom2_n_samples=400", "--json", json_file]
+    other = ["--layers", "0,1", "--set", "mom2_n_samples=400", "--set", "v_num_grad_steps=20",
+             "--json", json_file]
     ran = CliRunner().invoke(app, [*base, *other])
     assert ran.exit_code == 0, ran.output
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["layers"] == [0, 1]
     assert set(result["edits"][0]["memit"]["delta_over_W"]) == {"0", "1"}
     assert result["edits"][0]["editor_config"]["mom2_n_samples"] == 400
+    assert result["edits"][0]["editor_config"]["v_num_grad_steps"] == 20
     for bad, named in ((["--set", "no_such_field=1"], "no_such_field"), (["--layers", "99"], "99")):
         refused = CliRunner().invoke(app, [*base, *bad])
         assert refused.exit_code != 0 and named in refused.output, refused.output
