@@ -40,7 +40,12 @@ class Ridge(Editor):
     name = "ridge"
     summary = "toy ridge editor: R K^T (kappa I + K K^T)^-1, keys at the subject's last token"
     config_type = RidgeConfig
-    presets = {"world": RidgeConfig(**preset("world").model_dump(), kappa=1.0)}
+    # MEMIT's world preset with half its z steps: the tests' edits take as with 200 (measured:
+    # ES 75 of 4 requests at 100, 120 and 200 steps, 50 at 60) in half the z time
+    presets = {
+        "world": RidgeConfig(**(preset("world").model_dump() | {"v_num_grad_steps": 100}),
+                             kappa=1.0)
+    }
 
     def regulariser(self, model, tokenizer, cfg, base_fingerprint=None, cache_dir=None,
                     progress=None) -> dict[int, torch.Tensor]:
