@@ -157,6 +157,26 @@ def test_demo_collabedit_matches_global_and_baselines_do_not(tmp_path):
     assert fid["memit one-shot"] > 1e-2
 
 
+def test_demo_with_the_sequential_editor_shows_collabedit_layer_sync_equal_to_global(tmp_path):
+    """With published (sequential) MEMIT over the default world's three layers, the demo adds
+    CollabEdit under the layer-synchronous protocol after the one-shot merge; that row scores as
+    Global-Edit (its deltas are Global-Edit's, up to float32 sums in another order). A 30-step z
+    keeps it quick; the edits take (the bound below), so the equality is not that of two
+    unedited models."""
+    out = tmp_path / "demo.json"
+    result = run("demo", "--editor", "memit", "--clients", 3, "--edits-per-client", 3,
+                 "--no-fidelity", "--set", "v_num_grad_steps=30", "--json", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    methods = json.loads(out.read_text())["methods"]
+    rows = list(methods)
+    assert rows[rows.index("collabedit") + 1] == "collabedit layer-sync"
+    assert "collabedit layer-sync" in result.output
+    glob, synced = methods["global"], methods["collabedit layer-sync"]
+    assert glob["ES"] >= methods["unedited"]["ES"] + 50
+    for key in ("ES", "PS", "NS", "Score", "RS", "EA", "PA", "NA", "zsRE_Score", "zsRE_RS"):
+        assert abs(synced[key] - glob[key]) <= 0.5, key
+
+
 def test_memit_edits_take_on_the_world(tmp_path):
     """`collabedit edit` on the default world: MEMIT spreads the residual over layers 1-3 (with
     the statistics the world carries), the edits take, and neighbours and the edited subjects'

@@ -245,7 +245,7 @@ def demo(
     config is the world's preset unless --preset or --hparams names another (a MALMEN
     hypernetwork trained for a world built here, for instance); --set changes single fields.
     """
-    from collabedit.bench.demo import method_rows, run_demo
+    from collabedit.bench.demo import run_demo
     from collabedit.editors import get_editor, make_config
     from collabedit.world.store import load_world
 
@@ -287,8 +287,7 @@ def demo(
         table.add_column("method")
         for c in columns:
             table.add_column(c.removeprefix("zsRE_"), justify="right")
-        for row in method_rows():
-            m = result["methods"][row]
+        for row, m in result["methods"].items():
             table.add_row(row, *("-" if m.get(c) is None else f"{m[c]:.1f}" for c in columns))
         out.print(table)
     fid = result["fidelity"]

@@ -2,8 +2,9 @@
 
 N clients each hold M private requests. Rows: the unedited model, Global-Edit (one party edits
 all N*M), and every registered merge method (CollabEdit and the destructive baselines TIES,
-Task-Arithmetic, Simple-Average, merged from the clients' local deltas). CounterFact-form requests
-give NS/PS/ES/Score, zsRE-form requests NA/PA/EA/Score. Fidelity: max over layers of
+Task-Arithmetic, Simple-Average, merged from the clients' local deltas); with a sequential editor
+also CollabEdit under the layer-synchronous protocol. CounterFact-form requests give
+NS/PS/ES/Score, zsRE-form requests NA/PA/EA/Score. Fidelity: max over layers of
 ||Delta_collab - Delta_global|| / ||Delta_global|| per editor and protocol.
 """
 
@@ -13,7 +14,7 @@ import copy
 import time
 from collections.abc import Sequence
 
-from collabedit.bench.lab import CF_KEYS, ZSRE_KEYS, Lab, Log, split_evenly
+from collabedit.bench.lab import CF_KEYS, ZSRE_KEYS, Lab, Log, score_line, split_evenly
 from collabedit.collab.merge import METHODS
 from collabedit.collab.protocol import layer_sync_round, merge_updates, relative_gap
 from collabedit.collab.rounds import client_round
@@ -23,9 +24,31 @@ from collabedit.editors.base import EditorConfig
 from collabedit.models import arch
 from collabedit.world.store import WorldBundle
 
+LAYER_SYNC_ROW = "collabedit layer-sync"
 
-def method_rows() -> tuple[str, ...]:
-    return ("unedited", "global", *METHODS)
+
+def method_rows(sequential: bool = False) -> tuple[str, ...]:
+    """The table's rows. A sequential editor's one-shot merge is not Global-Edit (each client's
+    later layers see only its own earlier writes), so for one the CollabEdit merge under the
+    layer-synchronous protocol follows it: the row that equals Global-Edit."""
+    rows = ["unedited", "global", *METHODS]
+    if sequential:
+        rows.insert(rows.index("collabedit") + 1, LAYER_SYNC_ROW)
+    return tuple(rows)
+
+
+def _layer_sync_scores(
+    lab: Lab, session: EditSession, n_clients: int, keys: Sequence[str]
+) -> dict:
+    """Scores of CollabEdit run layer by layer: each layer merged from the clients' sums of P
+    and S read on the model with the layers below already merged; then undone."""
+    start = lab.snapshot()
+    clients = [session.select(idx) for idx in split_evenly(len(session.requests), n_clients)]
+    try:
+        layer_sync_round(lab.model, clients, lab.setup.regulariser)
+        return lab.score(session.requests, keys)
+    finally:
+        arch.restore(lab.model, start)
 
 
 def _fidelity(
@@ -92,12 +115,13 @@ def run_demo(
     if fidelity_editors is None:
         fidelity_editors = FIDELITY_EDITORS if editor == DEFAULT_EDITOR else (editor,)
     n = n_clients * edits_per_client
-    methods: dict[str, dict] = {row: {} for row in method_rows()}
+    methods: dict[str, dict] = {}
     fid: dict[str, float] = {}
     for form, keys in (("counterfact", CF_KEYS), ("zsre", ZSRE_KEYS)):
         requests = lab.requests(n, seed=seed, form=form)
         log(f"[{form}] {editor}: preparing {n} requests")
         session = lab.session(requests)
+        methods = methods or {row: {} for row in method_rows(sequential=not session.frozen)}
         methods["unedited"] |= _named(form, lab.score(requests, keys))
         scores = lab.compare(
             requests,
@@ -108,6 +132,10 @@ def run_demo(
         )
         for row, m in scores.items():
             methods[row] |= _named(form, m)
+        if LAYER_SYNC_ROW in methods:
+            synced = _layer_sync_scores(lab, session, n_clients, keys)
+            methods[LAYER_SYNC_ROW] |= _named(form, synced)
+            log(f"[{form}] " + score_line(LAYER_SYNC_ROW, synced))
         if form == "counterfact" and fidelity:
             fid = _fidelity(lab, session, n_clients, fidelity_editors, log)
     return {

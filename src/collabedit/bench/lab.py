@@ -50,6 +50,11 @@ def split_evenly(n: int, parts: int) -> list[range]:
     return out
 
 
+def score_line(name: str, scores: dict[str, float]) -> str:
+    """One method's scores as a log line: `name: ES 93.1, PS 89.8, ...`."""
+    return f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
+
+
 @dataclass
 class Lab:
     bundle: WorldBundle
@@ -183,5 +188,5 @@ class Lab:
             out[method] = self.score(requests, keys)
             arch.restore(self.model, start)
             if log:
-                log(f"{method}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[method].items()))
+                log(score_line(method, out[method]))
         return out
