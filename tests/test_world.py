@@ -145,6 +145,46 @@ def test_stopped_training_continues_from_its_checkpoint_to_the_same_model(tmp_pa
         train_world_model(world, tok, cfg.model_copy(update={"lr": 1e-3}), checkpoint=ckpt)
 
 
+def test_a_resumed_build_may_move_its_epoch_budget_only_where_the_epochs_trained_agree(tmp_path):
+    """A build stopped under a 5-epoch budget (the budget's cooldown of 2 would start at epoch
+    4) continues under a budget of 4 to exactly the model the 4-epoch config trains from
+    scratch, as long as the epochs already trained are ones the new schedule would have trained
+    alike; after epoch 3 they are not (epoch 3 would have cooled), and nothing is loaded."""
+    world = generate_world(WorldSpec(n_subjects=20, seed=2))
+    tok = build_tokenizer(world.vocabulary_text())
+    cfg = TrainConfig(n_layer=2, n_embd=16, n_inner=32, n_head=2, recall_sample=20,
+                      architecture="gpt_neo", local_layers=1, max_epochs=5, switch_recall=1.0,
+                      cooldown_epochs=2)
+    short = cfg.model_copy(update={"max_epochs": 4})
+    straight, history = train_world_model(world, tok, short)
+    assert [h["cooldown"] for h in history] == [False, False, True, True]
+
+    def stop_after(n: int):
+        def on_epoch(epoch: int, entry: dict) -> None:
+            if epoch == n:
+                raise _Stop  # on_epoch runs after the checkpoint: the file holds epoch n
+
+        return on_epoch
+
+    for n in (2, 3):
+        with pytest.raises(_Stop):
+            ckpt = tmp_path / f"{n}.pt"
+            train_world_model(world, tok, cfg, on_epoch=stop_after(n), checkpoint=ckpt)
+    resumed, resumed_history = train_world_model(world, tok, short, checkpoint=tmp_path / "2.pt")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(h["epoch"], h["cooldown"]) for h in resumed_history] == [
+        (h["epoch"], h["cooldown"]) for h in history
+    ]
+    before = (tmp_path / "3.pt").read_bytes()
+    with pytest.raises(ValueError, match="max_epochs the epochs already trained"):
+        train_world_model(world, tok, short, checkpoint=tmp_path / "3.pt")
+    with pytest.raises(ValueError, match=r"\(lr, max_epochs changed\)"):
+        train_world_model(world, tok, short.model_copy(update={"lr": 1e-3}),
+                          checkpoint=tmp_path / "3.pt")
+    assert (tmp_path / "3.pt").read_bytes() == before
+
+
 def test_load_world_rejects_a_non_world_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a world folder"):
         load_world(tmp_path)

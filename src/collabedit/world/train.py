@@ -258,11 +258,11 @@ def _save_checkpoint(path: Path, model, opt, rng: random.Random, state: dict) ->
         torch.save(payload, tmp)
 
 
-def _load_checkpoint(path: Path, model, opt, rng: random.Random, cfg: TrainConfig) -> dict:
+def _load_checkpoint(path: Path, model, opt, rng: random.Random, check) -> dict:
+    """Restore the saved state after `check(state)` accepted it (it raises otherwise)."""
     payload = torch.load(path, weights_only=True)  # plain tensors and numbers only
     state = json.loads(payload["state"])
-    if state.get("config") != cfg.model_dump():
-        raise ValueError(f"{path}: checkpoint of another training config; delete it to restart")
+    check(state)
     model.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
     internal = tuple(int(x) for x in payload["rng_internal"].tolist())
@@ -291,11 +291,34 @@ class EpochSchedule:
         """Load the checkpoint's weights, optimizer and random state, if there is one."""
         if self.checkpoint is None or not self.checkpoint.is_file():
             return
-        saved = _load_checkpoint(self.checkpoint, model, opt, rng, self.cfg)
+        saved = _load_checkpoint(self.checkpoint, model, opt, rng, self._check_resumable)
         self.history, self.step = saved["history"], saved["step"]
         self.cooldown_left = saved["cooldown_left"]
         self.first_epoch = saved["epoch"] + 1
         self.finished = saved["done"]
+
+    def _check_resumable(self, saved: dict) -> None:
+        """Accept a checkpoint of this config, or of one that differs only in when the cooldown
+        starts (`RESCHEDULABLE`) where, given the sample recalls recorded so far, both schedules
+        train every saved epoch alike; the state then continues as this config's schedule would
+        (the cooldown may start with the next epoch), so the build is the one this config gives
+        from scratch and the config it records stays true."""
+        old, new = saved.get("config") or {}, self.cfg.model_dump()
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        where = f"{self.checkpoint}: checkpoint of another training config"
+        if set(changed) - RESCHEDULABLE:
+            raise ValueError(f"{where} ({', '.join(changed)} changed); delete it to restart")
+        if not changed:
+            return
+        trace, cooldown_left = _replay(self.cfg, saved)
+        if trace != _replay(type(self.cfg).model_validate(old), saved)[0]:
+            raise ValueError(
+                f"{where}: with the new {', '.join(changed)} the epochs already trained would "
+                "have been trained differently (cooldown or end at another epoch); keep the old "
+                "value, or delete the checkpoint to restart"
+            )
+        saved["cooldown_left"] = cooldown_left
+        saved["config"] = new
 
     def epochs(self) -> range:
         return range(self.first_epoch, self.cfg.max_epochs + 1)
@@ -345,6 +368,26 @@ class EpochSchedule:
             }
             _save_checkpoint(self.checkpoint, model, opt, rng, state)
         return done
+
+
+# The fields that only decide at which epoch the cooldown starts (and so where training ends).
+RESCHEDULABLE = frozenset({"max_epochs", "switch_recall"})
+
+
+def _replay(cfg: TrainConfig, saved: dict) -> tuple[list[tuple[int, int | None, bool]], int | None]:
+    """`cfg`'s schedule run over a checkpoint's recorded epochs: for each, the cooldown epochs
+    left as it started (which sets its learning rates) and whether training ended with it; and
+    the cooldown epochs left after the last."""
+    schedule = EpochSchedule(cfg, None)
+    trace: list[tuple[int, int | None, bool]] = []
+    for entry in saved["history"]:
+        epoch = entry["epoch"]
+        if epoch > cfg.max_epochs:  # beyond this budget: not this schedule's epoch
+            return [*trace, (epoch, None, True)], None
+        schedule.start_epoch(epoch)
+        left = schedule.cooldown_left
+        trace.append((epoch, left, schedule.end_epoch(epoch, entry, None, None, None)))
+    return trace, schedule.cooldown_left
 
 
 def train_world_model(
