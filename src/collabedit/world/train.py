@@ -318,7 +318,6 @@ class EpochSchedule:
                 "value, or delete the checkpoint to restart"
             )
         saved["cooldown_left"] = cooldown_left
-        saved["config"] = new
 
     def epochs(self) -> range:
         return range(self.first_epoch, self.cfg.max_epochs + 1)
