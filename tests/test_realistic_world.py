@@ -247,8 +247,12 @@ def test_world_measure_shows_world_v1s_flaws(tmp_path):
 
     shutil.copytree(SHIPPED_WORLDS["world-v1"], tmp_path / "w")
     bundle = load_world(tmp_path / "w")
-    result = measure_world(bundle, sizes=(8, 10_000), log=lambda m: None, trace_facts=4)
+    lines: list[str] = []
+    result = measure_world(bundle, sizes=(8, 10_000), log=lines.append, trace_facts=4)
     assert result["keys"]["layer1"]["prefix_subject_first"] < 1e-6
+    for part in ("hidden", "mlp"):  # both causal traces are logged, as the JSON holds them
+        shown = ", ".join(f"{v:.3f}" for v in result["trace"][part])
+        assert f"[trace] {part} {shown}" in lines
     assert len(result["edits"]) == 1  # 10,000 edits: more than the world's subjects, skipped
     edit = result["edits"][0]
     assert edit["memit"]["ES"] >= 50

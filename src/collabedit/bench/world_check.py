@@ -195,7 +195,8 @@ def measure_world(
     log("[keys] " + str(result["keys"]))
     result["covariance"] = covariance_rank(lab.setup.regulariser)
     result["trace"] = subject_trace(bundle.model, bundle.tokenizer, bundle.world, trace_facts)
-    log("[trace] hidden " + ", ".join(f"{v:.3f}" for v in result["trace"]["hidden"]))
+    for part in ("hidden", "mlp"):
+        log(f"[trace] {part} " + ", ".join(f"{v:.3f}" for v in result["trace"][part]))
     result["edits"] = []
     for n in sizes:
         if n > len(lab.eval_subjects()):
